@@ -1,0 +1,7 @@
+//! `fathom-worker`: everything one rank runs.
+//!
+//! Owns: `weights/` (checkpoint reading and synthesis in the exact HF format), `model/`
+//! (DeepSeek-V3.2 layers composed from `fathom-kernels` ops), `kv/` (paged latent and indexer
+//! caches), and later the step executor and the Worker gRPC service.
+//!
+//! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
