@@ -5,3 +5,5 @@
 //! caches), and later the step executor and the Worker gRPC service.
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
+
+pub mod weights;
