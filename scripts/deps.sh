@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# Installs the system packages Fathom's build and tests need, when missing (Debian/Ubuntu):
-# protoc (tonic codegen) and etcd (membership tests). Idempotent; prints what it does.
+# Installs what Fathom's build and tests need, when missing (Debian/Ubuntu): protoc (tonic
+# codegen), etcd (membership tests) and the Helm chart tools (scripts/helm-check.sh and the
+# helm_* tests): helm-python-sdk (Helm v4, offline render and lint), kubernetes-validate and
+# yamllint, pinned, in a venv outside the repository at
+# ${FATHOM_TOOLS_VENV:-$HOME/.cache/fathom/tools-venv}.
+# Idempotent; prints what it does. FATHOM_DEPS_ETCD=0 / FATHOM_DEPS_HELM=0 skip those parts.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ "${FATHOM_DEPS_ETCD:-1}" = 1 ]; then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+fi
+helm_tools=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 yamllint==1.38.0)
+venv="${FATHOM_TOOLS_VENV:-$HOME/.cache/fathom/tools-venv}"
+want_helm=0
+if [ "${FATHOM_DEPS_HELM:-1}" = 1 ] &&
+  ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yamllint' >/dev/null 2>&1; then
+  want_helm=1
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2
@@ -13,4 +26,9 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$want_helm" = 1 ]; then
+  echo "deps: installing ${helm_tools[*]} into $venv" >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${helm_tools[@]}"
 fi
