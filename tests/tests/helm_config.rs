@@ -321,6 +321,13 @@ fn helm_external_etcd_variant() {
     let mut without_token = coord_cfg.clone();
     without_token.coordinator.admin_token = None;
     assert_eq!(without_token, cfg, "the coordinator's config differs only by admin_token");
+    let holders: Vec<_> = r
+        .manifests
+        .iter()
+        .filter(|m| m.to_string().contains("ci-not-a-secret"))
+        .map(|m| format!("{}/{}", m["kind"], m["metadata"]["name"]))
+        .collect();
+    assert_eq!(holders, [r#""Secret"/"fathom-coordinator-config""#], "the token leaks");
     let pod = r.pod_spec("Deployment", "fathom-coordinator");
     assert_eq!(volume(pod, "config")["secret"]["secretName"], "fathom-coordinator-config");
     let worker_pod = r.pod_spec("StatefulSet", "fathom-worker");
