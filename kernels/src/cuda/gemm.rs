@@ -1,0 +1,328 @@
+//! GEMMs for linear layers, `y[m, n] = x[m, k] · W[n, k]ᵀ` with row-major x, W, y:
+//! bf16 through cuBLAS ([`BlasGemm`]), FP8 e4m3 with DeepSeek block scales through cuBLASLt
+//! ([`Fp8Gemm`]: activations 1×128 ue8m0 scales, weights 128×128 fp32 scales).
+//!
+//! Row-major tensors are handed to the column-major libraries as their transposes: cuBLAS
+//! computes `yᵀ [n, m] = W [n, k] · xᵀ [k, m]` with A = W (op T, lda k), B = x (op N, ldb k),
+//! C = y (ldc n). cuBLASLt's FP8 kernels need exactly this "TN" form.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as blas_sys};
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::cuda::{CudaDevice, CudaError};
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::shape(op, format!("{what} = {v} exceeds i32")))
+}
+
+fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
+    if got != want {
+        return Err(CudaError::shape(op, format!("{what} has {got} elements, expected {want}")));
+    }
+    Ok(())
+}
+
+/// bf16 GEMM through cuBLAS (fp32 accumulation), on the device stream.
+#[derive(Debug)]
+pub struct BlasGemm {
+    blas: CudaBlas,
+}
+
+impl BlasGemm {
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let blas = CudaBlas::new(dev.stream().clone())
+            .map_err(|e| CudaError::Blas { op: "cublasCreate", status: format!("{e:?}") })?;
+        Ok(Self { blas })
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all bf16 row-major, fp32 accumulation.
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_bf16";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: to_i32(OP, "n", n)?,
+            n: to_i32(OP, "m", m)?,
+            k: to_i32(OP, "k", k)?,
+            alpha: bf16::ONE,
+            lda: to_i32(OP, "k", k)?,
+            ldb: to_i32(OP, "k", k)?,
+            beta: bf16::ZERO,
+            ldc: to_i32(OP, "n", n)?,
+        };
+        // SAFETY: the three buffers were checked against the shapes the config describes.
+        unsafe { self.blas.gemm(cfg, w, x, y) }
+            .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
+    }
+}
+
+/// Layout of the activation scales (rows × k/128 fp32) handed to [`Fp8Gemm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActScaleLayout {
+    /// `[rows, k/128]` row-major: `s[row * (k/128) + kb]`.
+    RowMajor,
+    /// `[k/128, rows]`, token dimension contiguous: `s[kb * rows + row]`.
+    TokenContiguous,
+}
+
+/// Layout of the weight scales (ceil(n/128) × ceil(k/128) fp32) handed to [`Fp8Gemm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightScaleLayout {
+    /// `[n/128, k/128]` row-major, as the checkpoint's `weight_scale_inv` is stored.
+    RowMajor,
+    /// `[k/128, n/128]` row-major (the transpose).
+    Transposed,
+}
+
+/// A cuBLASLt plan for one (m, n, k): descriptors and the heuristic's algorithm.
+#[derive(Debug)]
+struct Fp8Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    a: lt_sys::cublasLtMatrixLayout_t,
+    b: lt_sys::cublasLtMatrixLayout_t,
+    d: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Fp8Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once in `Fp8Gemm::plan` and is destroyed once here;
+        // errors on destruction cannot be acted on.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+        }
+    }
+}
+
+// SAFETY: the plan's handles are plain cuBLASLt descriptor objects; they are only used while the
+// `Fp8Gemm` mutex is held.
+unsafe impl Send for Fp8Plan {}
+
+/// FP8 e4m3 GEMM with DeepSeek block scales through cuBLASLt (scale modes `BLK128x128_32F` for
+/// the weights, `VEC128_32F` for the activations), bf16 output, fp32 accumulation.
+#[derive(Debug)]
+pub struct Fp8Gemm {
+    handle: lt_sys::cublasLtHandle_t,
+    stream: Arc<CudaStream>,
+    workspace: CudaSlice<u8>,
+    plans: Mutex<HashMap<(usize, usize, usize), Fp8Plan>>,
+}
+
+// SAFETY: the cuBLASLt handle is thread-safe for use with distinct descriptors; plans are
+// guarded by the mutex.
+unsafe impl Send for Fp8Gemm {}
+unsafe impl Sync for Fp8Gemm {}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        if let Ok(plans) = self.plans.get_mut() {
+            plans.clear();
+        }
+        // SAFETY: the handle was created in `new` and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn lt_err(op: &'static str) -> impl Fn(lt::CublasError) -> CudaError {
+    move |e| CudaError::Blas { op, status: format!("{e:?}") }
+}
+
+impl Fp8Gemm {
+    /// Layout of the activation scales cuBLASLt's `VEC128_32F` mode reads (checked on the H200 by
+    /// the `cuda_gemm` parity test, which tries every combination).
+    pub const ACT_SCALE_LAYOUT: ActScaleLayout = ActScaleLayout::TokenContiguous;
+    /// Layout of the weight scales cuBLASLt's `BLK128x128_32F` mode reads (same test).
+    pub const WEIGHT_SCALE_LAYOUT: WeightScaleLayout = WeightScaleLayout::RowMajor;
+
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let handle = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
+        let workspace = dev.zeros::<u8>(WORKSPACE_BYTES)?;
+        Ok(Self {
+            handle,
+            stream: dev.stream().clone(),
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn plan(&self, m: usize, n: usize, k: usize) -> Result<Fp8Plan, CudaError> {
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        use lt_sys::cublasLtMatmulMatrixScale_t as S;
+        let e4m3 = lt_sys::cudaDataType_t::CUDA_R_8F_E4M3;
+        let desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(lt_err("cublasLtMatmulDescCreate"))?;
+        // Build the plan at once so that Drop releases whatever was created if a step fails.
+        let a = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64);
+        let b = lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64);
+        let d = lt::create_matrix_layout(
+            lt_sys::cudaDataType_t::CUDA_R_16BF,
+            n as u64,
+            m as u64,
+            n as i64,
+        );
+        let (a, b, d) = match (a, b, d) {
+            (Ok(a), Ok(b), Ok(d)) => (a, b, d),
+            (a, b, d) => {
+                // SAFETY: destroy only what was created.
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in [a, b, d].into_iter().flatten() {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+                return Err(CudaError::Blas {
+                    op: "cublasLtMatrixLayoutCreate",
+                    status: "failed".into(),
+                });
+            }
+        };
+        // SAFETY: zeroed is a valid bit pattern for the algo struct; it is overwritten below.
+        let mut plan = Fp8Plan { desc, a, b, d, algo: unsafe { std::mem::zeroed() } };
+        let set = |attr: A, v: i32| {
+            // SAFETY: the attribute takes a 4-byte integer/enum; the pointer is valid for reads.
+            unsafe { lt::set_matmul_desc_attribute(plan.desc, attr, (&v as *const i32).cast(), 4) }
+                .map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+        };
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, 1)?; // CUBLAS_OP_T
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, 0)?; // CUBLAS_OP_N
+        set(
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+            S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32,
+        )?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
+        )?;
+        let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+        let ws = WORKSPACE_BYTES;
+        // SAFETY: MAX_WORKSPACE_BYTES takes a u64/usize; the pointer is valid for reads.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+        }
+        .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))
+        .and_then(|()| {
+            // SAFETY: all descriptors are live; D doubles as C (beta = 0).
+            unsafe {
+                lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref)
+            }
+            .map_err(|e| CudaError::Blas {
+                op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
+                status: format!("{e:?} for m={m} n={n} k={k}"),
+            })
+        });
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        plan.algo = r?.algo;
+        Ok(plan)
+    }
+
+    /// `y[m, n] = (x_q · s_x) [m, k] · ((w_q · s_w) [n, k])ᵀ` as bf16.
+    /// x_q: [m, k] e4m3 bits; x_s: m × k/128 f32 in [`Self::ACT_SCALE_LAYOUT`];
+    /// w_q: [n, k] e4m3 bits; w_s: ceil(n/128) × k/128 f32 in [`Self::WEIGHT_SCALE_LAYOUT`];
+    /// k % 128 == 0, n % 16 == 0 (cuBLASLt FP8 alignment).
+    pub fn gemm(
+        &self,
+        x_q: &CudaSlice<u8>,
+        x_s: &CudaSlice<f32>,
+        w_q: &CudaSlice<u8>,
+        w_s: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_fp8";
+        if k % 128 != 0 || n % 16 != 0 || m == 0 {
+            return Err(CudaError::shape(
+                OP,
+                format!("needs k % 128 == 0, n % 16 == 0, m > 0; got m={m} n={n} k={k}"),
+            ));
+        }
+        check_len(OP, "x_q", x_q.len(), m * k)?;
+        check_len(OP, "x_s", x_s.len(), m * (k / 128))?;
+        check_len(OP, "w_q", w_q.len(), n * k)?;
+        check_len(OP, "w_s", w_s.len(), n.div_ceil(128) * (k / 128))?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if !plans.contains_key(&(m, n, k)) {
+            let plan = self.plan(m, n, k)?;
+            plans.insert((m, n, k), plan);
+        }
+        let plan = &plans[&(m, n, k)];
+        let stream = &self.stream;
+        let (xq, _g1) = x_q.device_ptr(stream);
+        let (xs, _g2) = x_s.device_ptr(stream);
+        let (wq, _g3) = w_q.device_ptr(stream);
+        let (ws, _g4) = w_s.device_ptr(stream);
+        let (yp, _g5) = y.device_ptr_mut(stream);
+        let (wsp, _g6) = self.workspace.device_ptr(stream);
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        for (attr, ptr) in [
+            (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws),
+            (A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs),
+        ] {
+            // SAFETY: scale-pointer attributes take a device pointer by value (8 bytes).
+            unsafe {
+                lt::set_matmul_desc_attribute(plan.desc, attr, (&ptr as *const u64).cast(), 8)
+            }
+            .map_err(lt_err("cublasLtMatmulDescSetAttribute(scale pointer)"))?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: all buffers were checked against the plan's shapes; the scale buffers have the
+        // sizes the scale modes read; the workspace is WORKSPACE_BYTES long.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                wq as *const _,
+                plan.a,
+                xq as *const _,
+                plan.b,
+                yp as *const _,
+                plan.d,
+                yp as *mut _,
+                plan.d,
+                &plan.algo,
+                wsp as *mut _,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(lt_err("cublasLtMatmul(fp8 block-scaled)"))
+    }
+}

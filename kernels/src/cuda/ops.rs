@@ -1,0 +1,220 @@
+//! [`Ops`]: the device's own kernels (RMSNorm, FP8 quantisation/dequantisation, random fills)
+//! with shape-checked launch wrappers. All launches go to the device stream given at load time.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use crate::cuda::gemm::ActScaleLayout;
+use crate::cuda::sources::{self, KernelSource};
+use crate::cuda::{CudaError, KernelCache, compile_cubin};
+
+/// Loaded kernels of every source in [`sources::ALL`].
+#[derive(Debug)]
+pub struct Ops {
+    stream: Arc<CudaStream>,
+    rmsnorm: CudaFunction,
+    act_quant: CudaFunction,
+    dequant: CudaFunction,
+    fill_bf16: CudaFunction,
+    fill_e4m3: CudaFunction,
+    fill_f32: CudaFunction,
+}
+
+fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
+    if got != want {
+        return Err(CudaError::shape(op, format!("{what} has {got} elements, expected {want}")));
+    }
+    Ok(())
+}
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::shape(op, format!("{what} = {v} exceeds i32")))
+}
+
+/// Grid-stride launch over `n` elements: 256 threads, at most 4 blocks per SM-ish cap.
+fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Ops {
+    /// Compiles (or loads from `cache`) every source for `arch` and loads it into `ctx`.
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        arch: &str,
+        cache: Option<&KernelCache>,
+    ) -> Result<Self, CudaError> {
+        let load = |src: &KernelSource| -> Result<Vec<CudaFunction>, CudaError> {
+            let cubin = match cache {
+                Some(c) => c.get_or_compile(src, arch)?.0,
+                None => compile_cubin(src, arch)?,
+            };
+            let module = ctx
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(CudaError::driver("cuModuleLoadData"))?;
+            src.kernels
+                .iter()
+                .map(|k| module.load_function(k).map_err(CudaError::driver("cuModuleGetFunction")))
+                .collect()
+        };
+        let norm = load(&sources::NORM)?;
+        let quant = load(&sources::QUANT)?;
+        let fill = load(&sources::FILL)?;
+        Ok(Self {
+            stream: stream.clone(),
+            rmsnorm: norm[0].clone(),
+            act_quant: quant[0].clone(),
+            dequant: quant[1].clone(),
+            fill_bf16: fill[0].clone(),
+            fill_e4m3: fill[1].clone(),
+            fill_f32: fill[2].clone(),
+        })
+    }
+
+    /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, fp32 math.
+    /// x, y: [rows, dim] bf16; w: [dim] f32.
+    pub fn rmsnorm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rmsnorm_bf16";
+        check_len(OP, "x", x.len(), rows * dim)?;
+        check_len(OP, "y", y.len(), rows * dim)?;
+        check_len(OP, "w", w.len(), dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let rows_u = u32::try_from(rows).map_err(|_| CudaError::shape(OP, "too many rows"))?;
+        let dim_i = to_i32(OP, "dim", dim)?;
+        let cfg =
+            LaunchConfig { grid_dim: (rows_u, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.rmsnorm);
+        b.arg(x).arg(w).arg(y).arg(&dim_i).arg(&eps);
+        // SAFETY: argument types and order match `rmsnorm_bf16` in norm.cu; lengths were checked
+        // against rows × dim above, which is all the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch rmsnorm_bf16"))?;
+        Ok(())
+    }
+
+    /// FP8 activation quantisation in 1×128 groups with ue8m0 scales (spec §4.3).
+    /// x: [rows, k] bf16, k % 128 == 0; q: [rows, k] e4m3 bits; s: rows × k/128 f32 in `layout`.
+    pub fn act_quant_fp8(
+        &self,
+        x: &CudaSlice<bf16>,
+        q: &mut CudaSlice<u8>,
+        s: &mut CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        layout: ActScaleLayout,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "act_quant_fp8";
+        if k % 128 != 0 {
+            return Err(CudaError::shape(OP, format!("k = {k} is not a multiple of 128")));
+        }
+        check_len(OP, "x", x.len(), rows * k)?;
+        check_len(OP, "q", q.len(), rows * k)?;
+        check_len(OP, "scales", s.len(), rows * (k / 128))?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let groups = rows * (k / 128);
+        let blocks =
+            u32::try_from(groups.div_ceil(8)).map_err(|_| CudaError::shape(OP, "too large"))?;
+        let cfg =
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (rows_i, k_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "k", k)?);
+        let token_major = i32::from(layout == ActScaleLayout::TokenContiguous);
+        let mut b = self.stream.launch_builder(&self.act_quant);
+        b.arg(x).arg(q).arg(s).arg(&rows_i).arg(&k_i).arg(&token_major);
+        // SAFETY: matches `act_quant_fp8` in quant.cu; all three buffers were checked against
+        // rows × k (k % 128 == 0, so every 8-byte load is aligned and in bounds).
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch act_quant_fp8"))?;
+        Ok(())
+    }
+
+    /// `out[i, j] = w[i, j] · s[i/128, j/128]` as bf16. w: [n, k] e4m3 bits;
+    /// s: [ceil(n/128), ceil(k/128)] f32 row-major (the checkpoint's `weight_scale_inv`).
+    pub fn dequant_fp8_block(
+        &self,
+        w: &CudaSlice<u8>,
+        s: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "dequant_fp8_block";
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "out", out.len(), n * k)?;
+        check_len(OP, "scales", s.len(), n.div_ceil(128) * k.div_ceil(128))?;
+        if n * k == 0 {
+            return Ok(());
+        }
+        let (n_i, k_i) = (to_i32(OP, "n", n)?, to_i32(OP, "k", k)?);
+        let mut b = self.stream.launch_builder(&self.dequant);
+        b.arg(w).arg(s).arg(out).arg(&n_i).arg(&k_i);
+        // SAFETY: matches `dequant_fp8_block` in quant.cu; lengths checked above.
+        unsafe { b.launch(grid_stride(n * k)) }
+            .map_err(CudaError::driver("launch dequant_fp8_block"))?;
+        Ok(())
+    }
+
+    /// Fills `out` with uniform values in [-scale, scale) (deterministic in `seed`).
+    pub fn fill_uniform_bf16(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        seed: u32,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let n = out.len() as u64;
+        let mut b = self.stream.launch_builder(&self.fill_bf16);
+        b.arg(out).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: matches `fill_uniform_bf16` in fill.cu; the kernel writes exactly n elements.
+        unsafe { b.launch(grid_stride(n as usize)) }
+            .map_err(CudaError::driver("launch fill_uniform_bf16"))?;
+        Ok(())
+    }
+
+    /// Fills `out` with e4m3 bits of uniform values in [-scale, scale) (saturating).
+    pub fn fill_uniform_e4m3(
+        &self,
+        out: &mut CudaSlice<u8>,
+        seed: u32,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let n = out.len() as u64;
+        let mut b = self.stream.launch_builder(&self.fill_e4m3);
+        b.arg(out).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: matches `fill_uniform_e4m3` in fill.cu; the kernel writes exactly n elements.
+        unsafe { b.launch(grid_stride(n as usize)) }
+            .map_err(CudaError::driver("launch fill_uniform_e4m3"))?;
+        Ok(())
+    }
+
+    /// Fills `out` with uniform values in [lo, hi).
+    pub fn fill_uniform_f32(
+        &self,
+        out: &mut CudaSlice<f32>,
+        seed: u32,
+        lo: f32,
+        hi: f32,
+    ) -> Result<(), CudaError> {
+        let n = out.len() as u64;
+        let mut b = self.stream.launch_builder(&self.fill_f32);
+        b.arg(out).arg(&n).arg(&seed).arg(&lo).arg(&hi);
+        // SAFETY: matches `fill_uniform_f32` in fill.cu; the kernel writes exactly n elements.
+        unsafe { b.launch(grid_stride(n as usize)) }
+            .map_err(CudaError::driver("launch fill_uniform_f32"))?;
+        Ok(())
+    }
+}

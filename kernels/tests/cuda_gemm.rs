@@ -1,0 +1,141 @@
+//! GPU parity of the GEMMs: bf16 through cuBLAS and FP8 block-scaled through cuBLASLt, against
+//! f64 CPU products of the same (exactly representable) inputs. The FP8 test also tries every
+//! scale layout and reports which ones cuBLASLt reads, so a wrong assumption names the fix.
+
+mod cuda_common;
+
+use cuda_common::{Rng, gpu, reference, rel_err, to_f32};
+use fathom_kernels::cuda::{ActScaleLayout, BlasGemm, CudaDevice, Fp8Gemm, WeightScaleLayout};
+use half::bf16;
+
+#[test]
+fn bf16_gemm_matches_the_cpu_reference() {
+    let Some((dev, _cache)) = gpu("bf16_gemm_matches_the_cpu_reference") else { return };
+    let blas = BlasGemm::new(&dev).unwrap();
+    let mut rng = Rng::new(21);
+    for &(m, n, k) in &[(1usize, 2112usize, 7168usize), (64, 576, 1536), (7, 100, 300)] {
+        let x = rng.bf16_vec(m * k, 1.0);
+        let w = rng.bf16_vec(n * k, 0.05);
+        let xd = dev.upload(&x).unwrap();
+        let wd = dev.upload(&w).unwrap();
+        let mut yd = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+        blas.gemm_bf16(&xd, &wd, &mut yd, m, n, k).unwrap();
+        let y = to_f32(&dev.download(&yd).unwrap());
+        let want = reference::matmul_nt(&to_f32(&x), &to_f32(&w), m, n, k);
+        let err = rel_err(&y, &want);
+        assert!(err < 1e-2, "bf16 gemm m={m} n={n} k={k}: rel err {err}");
+    }
+}
+
+/// Scales for the weight blocks: powers of two times a factor, spread over 2^-4..2^4 so that a
+/// wrong layout gives an O(1) error.
+fn weight_scales(rng: &mut Rng, n: usize, k: usize) -> Vec<f32> {
+    (0..n.div_ceil(128) * (k / 128))
+        .map(|_| 2f32.powi((rng.next_u64() % 9) as i32 - 4) * rng.uniform(0.5, 1.0))
+        .collect()
+}
+
+fn act_scales_in(layout: ActScaleLayout, s: &[f32], m: usize, kb: usize) -> Vec<f32> {
+    match layout {
+        ActScaleLayout::RowMajor => s.to_vec(),
+        ActScaleLayout::TokenContiguous => (0..kb * m).map(|i| s[(i % m) * kb + i / m]).collect(),
+    }
+}
+
+fn weight_scales_in(layout: WeightScaleLayout, s: &[f32], nb: usize, kb: usize) -> Vec<f32> {
+    match layout {
+        WeightScaleLayout::RowMajor => s.to_vec(),
+        WeightScaleLayout::Transposed => (0..kb * nb).map(|i| s[(i % nb) * kb + i / nb]).collect(),
+    }
+}
+
+struct Fp8Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    xq: Vec<u8>,
+    xs: Vec<f32>, // [m, k/128] row-major
+    wq: Vec<u8>,
+    ws: Vec<f32>, // [n/128, k/128] row-major
+    want: Vec<f32>,
+}
+
+fn fp8_case(rng: &mut Rng, m: usize, n: usize, k: usize) -> Fp8Case {
+    let mut x = to_f32(&rng.bf16_vec(m * k, 1.0));
+    for (g, chunk) in x.chunks_mut(128).enumerate() {
+        let f = 2f32.powi((g % 7) as i32 - 3);
+        chunk.iter_mut().for_each(|v| *v *= f);
+    }
+    let (xq, xs) = reference::act_quant(&x, m, k);
+    let wq = rng.e4m3_vec(n * k);
+    let ws = weight_scales(rng, n, k);
+    let kb = k / 128;
+    let xdq: Vec<f32> =
+        (0..m * k).map(|i| reference::e4m3(xq[i]) * xs[(i / k) * kb + (i % k) / 128]).collect();
+    let wdq = reference::dequant(&wq, &ws, n, k);
+    let want = reference::matmul_nt(&xdq, &wdq, m, n, k);
+    Fp8Case { m, n, k, xq, xs, wq, ws, want }
+}
+
+fn run_fp8(
+    dev: &CudaDevice,
+    gemm: &Fp8Gemm,
+    c: &Fp8Case,
+    al: ActScaleLayout,
+    wl: WeightScaleLayout,
+) -> f64 {
+    let kb = c.k / 128;
+    let xq = dev.upload(&c.xq).unwrap();
+    let xs = dev.upload(&act_scales_in(al, &c.xs, c.m, kb)).unwrap();
+    let wq = dev.upload(&c.wq).unwrap();
+    let ws = dev.upload(&weight_scales_in(wl, &c.ws, c.n.div_ceil(128), kb)).unwrap();
+    let mut y = dev.upload(&vec![bf16::NAN; c.m * c.n]).unwrap();
+    gemm.gemm(&xq, &xs, &wq, &ws, &mut y, c.m, c.n, c.k).unwrap();
+    rel_err(&to_f32(&dev.download(&y).unwrap()), &c.want)
+}
+
+#[test]
+fn fp8_block_scaled_gemm_matches_the_cpu_reference() {
+    let Some((dev, _cache)) = gpu("fp8_block_scaled_gemm_matches_the_cpu_reference") else {
+        return;
+    };
+    let gemm = Fp8Gemm::new(&dev).unwrap();
+    let mut rng = Rng::new(22);
+    // 2112 and 576 are not multiples of 128: partial weight-scale blocks.
+    let cases = [(64usize, 2112usize, 1024usize), (1, 576, 7168), (130, 256, 384)];
+    let mut report = Vec::new();
+    let mut default_ok = true;
+    for &(m, n, k) in &cases {
+        let c = fp8_case(&mut rng, m, n, k);
+        for al in [ActScaleLayout::TokenContiguous, ActScaleLayout::RowMajor] {
+            for wl in [WeightScaleLayout::RowMajor, WeightScaleLayout::Transposed] {
+                let err = run_fp8(&dev, &gemm, &c, al, wl);
+                let is_default =
+                    (al, wl) == (Fp8Gemm::ACT_SCALE_LAYOUT, Fp8Gemm::WEIGHT_SCALE_LAYOUT);
+                report
+                    .push(format!("m={m} n={n} k={k} act={al:?} weight={wl:?}: rel err {err:.3e}"));
+                // e4m3 inputs are exact; the error is accumulation plus the bf16 output.
+                if is_default && err >= 1e-2 {
+                    default_ok = false;
+                }
+            }
+        }
+    }
+    println!("{}", report.join("\n"));
+    assert!(
+        default_ok,
+        "the documented scale layouts do not match cuBLASLt:\n{}",
+        report.join("\n")
+    );
+}
+
+#[test]
+fn fp8_gemm_rejects_unaligned_shapes() {
+    let Some((dev, _cache)) = gpu("fp8_gemm_rejects_unaligned_shapes") else { return };
+    let gemm = Fp8Gemm::new(&dev).unwrap();
+    let q = dev.zeros::<u8>(100 * 100).unwrap();
+    let s = dev.zeros::<f32>(1).unwrap();
+    let mut y = dev.zeros::<bf16>(100 * 100).unwrap();
+    let e = gemm.gemm(&q, &s, &q, &s, &mut y, 100, 100, 100).unwrap_err();
+    assert!(e.to_string().contains("k % 128 == 0"), "{e}");
+}
