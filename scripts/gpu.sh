@@ -51,6 +51,7 @@ links=$(mktemp -d)
 [ -e "$nccl" ] && ln -s "$nccl" "$links/libnccl.so"
 export LD_LIBRARY_PATH="$links:$cu13:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on these machines
+export CUBLASLT_LOG_LEVEL=1 # cuBLASLt prints why it rejects a configuration
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 { date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \
   echo "libs: $cu13 $nccl"; ls "$cu13"; } > "$OUT/machine.txt" 2>&1

@@ -29,3 +29,10 @@ extern "C" __global__ void fill_uniform_f32(float* __restrict__ out, u64 n, u32 
          i += (u64)gridDim.x * blockDim.x)
         out[i] = lo + (hi - lo) * (hash_uniform(i, seed) * 0.5f + 0.5f);
 }
+
+// 16-byte vector copy (bandwidth ceiling measurement): dst[i] = src[i] for i < n16.
+extern "C" __global__ void copy_16b(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n16) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
+         i += (u64)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}

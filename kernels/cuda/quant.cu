@@ -2,12 +2,13 @@
 
 // Activation quantisation, 1x128 groups, ue8m0 (power-of-two) scales:
 //   amax = max(|x|, 1e-4); s = 2^ceil(log2(amax / 448)); q = sat_e4m3(x / s).
-// x [rows, k] bf16 with k % 128 == 0. q [rows, k] e4m3. Scales are written either
-// row-major [rows, k/128] (token_major == 0) or token-contiguous [k/128, rows] (token_major == 1).
+// x [rows, k] bf16 with k % 128 == 0. q [>= rows, k] e4m3. Scales are written either
+// row-major [pitch, k/128] (token_major == 0) or token-contiguous [k/128, pitch] (token_major == 1),
+// where pitch >= rows is the padded row count the GEMM runs with (pad entries are not written).
 // Launch: one warp per group; block = 256 threads (8 groups), grid = ceil(rows * k/128 / 8).
 extern "C" __global__ void act_quant_fp8(const bf16_t* __restrict__ x, fp8_t* __restrict__ q,
                                          float* __restrict__ s, int rows, int k,
-                                         int token_major) {
+                                         int token_major, int pitch) {
     const int groups_per_row = k >> 7;
     const long long group = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (group >= (long long)rows * groups_per_row) return;  // whole warp exits together
@@ -26,7 +27,7 @@ extern "C" __global__ void act_quant_fp8(const bf16_t* __restrict__ x, fp8_t* __
     for (int i = 0; i < 4; ++i) packed |= ((u32)f32_to_e4m3(v[i] / scale)) << (8 * i);
     *reinterpret_cast<u32*>(q + base) = packed;
     if (lane == 0) {
-        const size_t si = token_major ? (size_t)kb * rows + row : (size_t)row * groups_per_row + kb;
+        const size_t si = token_major ? (size_t)kb * pitch + row : (size_t)row * groups_per_row + kb;
         s[si] = scale;
     }
 }

@@ -35,11 +35,20 @@ fn weight_scales(rng: &mut Rng, n: usize, k: usize) -> Vec<f32> {
         .collect()
 }
 
-fn act_scales_in(layout: ActScaleLayout, s: &[f32], m: usize, kb: usize) -> Vec<f32> {
-    match layout {
-        ActScaleLayout::RowMajor => s.to_vec(),
-        ActScaleLayout::TokenContiguous => (0..kb * m).map(|i| s[(i % m) * kb + i / m]).collect(),
+/// Activation scales `s` ([m, kb] row-major) laid out for a GEMM run with `p >= m` rows; pad
+/// entries are zero.
+fn act_scales_in(layout: ActScaleLayout, s: &[f32], m: usize, p: usize, kb: usize) -> Vec<f32> {
+    let mut out = vec![0f32; p * kb];
+    for r in 0..m {
+        for g in 0..kb {
+            let i = match layout {
+                ActScaleLayout::RowMajor => r * kb + g,
+                ActScaleLayout::TokenContiguous => g * p + r,
+            };
+            out[i] = s[r * kb + g];
+        }
     }
+    out
 }
 
 fn weight_scales_in(layout: WeightScaleLayout, s: &[f32], nb: usize, kb: usize) -> Vec<f32> {
@@ -85,13 +94,17 @@ fn run_fp8(
     wl: WeightScaleLayout,
 ) -> f64 {
     let kb = c.k / 128;
-    let xq = dev.upload(&c.xq).unwrap();
-    let xs = dev.upload(&act_scales_in(al, &c.xs, c.m, kb)).unwrap();
+    let p = gemm.padded_rows(c.m, c.n, c.k).unwrap();
+    let mut xq_host = c.xq.clone();
+    xq_host.resize(p * c.k, 0);
+    let xq = dev.upload(&xq_host).unwrap();
+    let xs = dev.upload(&act_scales_in(al, &c.xs, c.m, p, kb)).unwrap();
     let wq = dev.upload(&c.wq).unwrap();
     let ws = dev.upload(&weight_scales_in(wl, &c.ws, c.n.div_ceil(128), kb)).unwrap();
-    let mut y = dev.upload(&vec![bf16::NAN; c.m * c.n]).unwrap();
+    let mut y = dev.upload(&vec![bf16::NAN; p * c.n]).unwrap();
     gemm.gemm(&xq, &xs, &wq, &ws, &mut y, c.m, c.n, c.k).unwrap();
-    rel_err(&to_f32(&dev.download(&y).unwrap()), &c.want)
+    let y = to_f32(&dev.download(&y).unwrap());
+    rel_err(&y[..c.m * c.n], &c.want)
 }
 
 #[test]
@@ -121,12 +134,23 @@ fn fp8_block_scaled_gemm_matches_the_cpu_reference() {
             }
         }
     }
-    println!("{}", report.join("\n"));
     assert!(
         default_ok,
         "the documented scale layouts do not match cuBLASLt:\n{}",
         report.join("\n")
     );
+}
+
+#[test]
+fn fp8_gemm_pads_rows_only_as_far_as_needed() {
+    let Some((dev, _cache)) = gpu("fp8_gemm_pads_rows_only_as_far_as_needed") else { return };
+    let gemm = Fp8Gemm::new(&dev).unwrap();
+    for m in [1usize, 2, 3, 5, 16, 64, 100, 4096] {
+        let p = gemm.padded_rows(m, 2112, 7168).unwrap();
+        eprintln!("fp8 cuBLASLt m={m} runs as {p} rows");
+        assert!(p >= m && p <= m.next_multiple_of(128), "m={m} padded to {p}");
+        assert_eq!(gemm.padded_rows(m, 2112, 7168).unwrap(), p, "padding is cached, stable");
+    }
 }
 
 #[test]

@@ -72,22 +72,29 @@ fn act_quant_matches_the_cpu_reference_bit_for_bit() {
         let xf = to_f32(&x);
         let (want_q, want_s) = reference::act_quant(&xf, rows, k);
         let xd = dev.upload(&x).unwrap();
-        for layout in [ActScaleLayout::RowMajor, ActScaleLayout::TokenContiguous] {
-            let mut qd = dev.upload(&vec![0x7fu8; rows * k]).unwrap(); // NaN-poisoned
-            let mut sd = dev.upload(&vec![f32::NAN; rows * (k / 128)]).unwrap();
-            dev.ops().act_quant_fp8(&xd, &mut qd, &mut sd, rows, k, layout).unwrap();
+        let groups = k / 128;
+        for (layout, pitch) in
+            [(ActScaleLayout::RowMajor, rows), (ActScaleLayout::TokenContiguous, rows + 3)]
+        {
+            let mut qd = dev.upload(&vec![0x7fu8; pitch * k]).unwrap(); // NaN-poisoned
+            let mut sd = dev.upload(&vec![f32::NAN; pitch * groups]).unwrap();
+            dev.ops().act_quant_fp8(&xd, &mut qd, &mut sd, rows, pitch, k, layout).unwrap();
             let q = dev.download(&qd).unwrap();
             let s = dev.download(&sd).unwrap();
-            let groups = k / 128;
             for r in 0..rows {
                 for g in 0..groups {
                     let got = match layout {
                         ActScaleLayout::RowMajor => s[r * groups + g],
-                        ActScaleLayout::TokenContiguous => s[g * rows + r],
+                        ActScaleLayout::TokenContiguous => s[g * pitch + r],
                     };
                     assert_eq!(got, want_s[r * groups + g], "scale row {r} group {g} ({layout:?})");
                 }
             }
+            // Pad rows are left alone.
+            assert!(q[rows * k..].iter().all(|&b| b == 0x7f), "pad rows of q were written");
+            let written = s.iter().filter(|v| !v.is_nan()).count();
+            assert_eq!(written, rows * groups, "exactly rows × k/128 scales are written");
+            let q = &q[..rows * k];
             let bad = q.iter().zip(&want_q).filter(|(a, b)| a != b).count();
             assert_eq!(bad, 0, "{bad} of {} e4m3 codes differ (rows={rows} k={k})", q.len());
         }
@@ -121,7 +128,7 @@ fn ops_reject_wrong_shapes() {
     let x = dev.zeros::<bf16>(100).unwrap();
     let mut q = dev.zeros::<u8>(100).unwrap();
     let mut s = dev.zeros::<f32>(1).unwrap();
-    let e = dev.ops().act_quant_fp8(&x, &mut q, &mut s, 1, 100, ActScaleLayout::RowMajor);
+    let e = dev.ops().act_quant_fp8(&x, &mut q, &mut s, 1, 1, 100, ActScaleLayout::RowMajor);
     assert!(matches!(e, Err(CudaError::Shape { .. })), "{e:?}");
     let w = dev.zeros::<f32>(3).unwrap();
     let mut y = dev.zeros::<bf16>(100).unwrap();

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fathom_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream, sys};
-use fathom_kernels::cuda::{ActScaleLayout, BlasGemm, CudaDevice, DeviceOptions, Fp8Gemm};
+use fathom_kernels::cuda::{
+    ActScaleLayout, BlasGemm, CudaDevice, DeviceOptions, Fp8Gemm, LtBf16Gemm,
+};
 use half::bf16;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -114,7 +116,7 @@ fn copies_for(bytes: usize) -> usize {
 }
 
 struct Row {
-    kind: &'static str,
+    kind: String,
     m: usize,
     n: usize,
     k: usize,
@@ -163,12 +165,13 @@ impl Row {
 struct Bench<'a> {
     dev: &'a CudaDevice,
     blas: BlasGemm,
+    lt: LtBf16Gemm,
     fp8: Fp8Gemm,
     reps: usize,
 }
 
 impl Bench<'_> {
-    fn bf16(&self, m: usize, n: usize, k: usize, seed: u32) -> Res<Row> {
+    fn bf16(&self, m: usize, n: usize, k: usize, seed: u32, use_lt: bool) -> Res<Row> {
         let dev = self.dev;
         let copies = copies_for(n * k * 2);
         let mut ws = Vec::with_capacity(copies);
@@ -182,10 +185,15 @@ impl Bench<'_> {
         let mut y = dev.zeros::<bf16>(m * n)?;
         let inner = copies.max(if m >= 1024 { 8 } else { 32 });
         let t = time_op(dev, inner, self.reps, |i| {
-            Ok(self.blas.gemm_bf16(&x, &ws[i % copies], &mut y, m, n, k)?)
+            if use_lt {
+                Ok(self.lt.gemm_bf16(&x, &ws[i % copies], &mut y, m, n, k)?)
+            } else {
+                Ok(self.blas.gemm_bf16(&x, &ws[i % copies], &mut y, m, n, k)?)
+            }
         })?;
         let bytes = 2.0 * (m * k + n * k + m * n) as f64;
-        Ok(Row { kind: "bf16 cuBLAS", m, n, k, bytes, flops: 2.0 * (m * n * k) as f64, t })
+        let kind = if use_lt { "bf16 cuBLASLt" } else { "bf16 cuBLAS" }.to_string();
+        Ok(Row { kind, m, n, k, bytes, flops: 2.0 * (m * n * k) as f64, t })
     }
 
     fn fp8(&self, m: usize, n: usize, k: usize, seed: u32) -> Res<Row> {
@@ -202,21 +210,28 @@ impl Bench<'_> {
         }
         let mut xb = dev.zeros::<bf16>(m * k)?;
         dev.ops().fill_uniform_bf16(&mut xb, seed ^ 0xdef, 1.0)?;
-        let mut xq = dev.zeros::<u8>(m * k)?;
-        let mut xs = dev.zeros::<f32>(m * kb)?;
-        dev.ops().act_quant_fp8(&xb, &mut xq, &mut xs, m, k, Fp8Gemm::ACT_SCALE_LAYOUT)?;
-        let mut y = dev.zeros::<bf16>(m * n)?;
+        let p = self.fp8.padded_rows(m, n, k)?;
+        let mut xq = dev.zeros::<u8>(p * k)?;
+        let mut xs = dev.zeros::<f32>(p * kb)?;
+        dev.ops().act_quant_fp8(&xb, &mut xq, &mut xs, m, p, k, Fp8Gemm::ACT_SCALE_LAYOUT)?;
+        let mut y = dev.zeros::<bf16>(p * n)?;
         let inner = copies.max(if m >= 1024 { 8 } else { 32 });
         let t = time_op(dev, inner, self.reps, |i| {
             let (w, s) = &ws[i % copies];
             Ok(self.fp8.gemm(&xq, &xs, w, s, &mut y, m, n, k)?)
         })?;
         let bytes = (m * k + n * k + 2 * m * n + 4 * m * kb + 4 * n.div_ceil(128) * kb) as f64;
-        Ok(Row { kind: "fp8 cuBLASLt", m, n, k, bytes, flops: 2.0 * (m * n * k) as f64, t })
+        let kind = if p == m {
+            "fp8 cuBLASLt".to_string()
+        } else {
+            format!("fp8 cuBLASLt (run as m={p})")
+        };
+        Ok(Row { kind, m, n, k, bytes, flops: 2.0 * (m * n * k) as f64, t })
     }
 }
 
-fn copy_bandwidth(dev: &CudaDevice, reps: usize) -> Res<f64> {
+/// (memcpy, 16-byte copy kernel) bandwidth in B/s, counting bytes read plus written.
+fn copy_bandwidth(dev: &CudaDevice, reps: usize) -> Res<(f64, f64)> {
     let n = 1usize << 30;
     let src = {
         let mut s = dev.zeros::<u8>(n)?;
@@ -226,7 +241,9 @@ fn copy_bandwidth(dev: &CudaDevice, reps: usize) -> Res<f64> {
     let mut dst: CudaSlice<u8> = dev.zeros::<u8>(n)?;
     let stream = dev.stream().clone();
     let t = time_op(dev, 4, reps, |_| Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
-    Ok(2.0 * n as f64 / (t.graph_us * 1e-6))
+    let k = time_op(dev, 4, reps, |_| Ok(dev.ops().copy_16b(&src, &mut dst)?))?;
+    let bw = |t: Timing| 2.0 * n as f64 / (t.graph_us.min(t.eager_us) * 1e-6);
+    Ok((bw(t), bw(k)))
 }
 
 fn main() -> Res<()> {
@@ -254,24 +271,41 @@ fn main() -> Res<()> {
     let bench = Bench {
         dev: &dev,
         blas: BlasGemm::new(&dev)?,
+        lt: LtBf16Gemm::new(&dev)?,
         fp8: Fp8Gemm::new(&dev)?,
         reps: if args.quick { 5 } else { 15 },
     };
     let mut json = Vec::new();
 
     let copy = copy_bandwidth(&dev, bench.reps)?;
-    writeln!(md, "device copy (1 GiB dtod, read+write): {:.2} TB/s", copy / 1e12)?;
-    let p = 8192;
-    let peak_bf16 = bench.bf16(p, p, p, 1)?;
-    let peak_fp8 = bench.fp8(p, p, p, 2)?;
-    let tf = |r: &Row| r.flops / (r.t.graph_us * 1e-6) / 1e12;
-    let (pb, pf) = (tf(&peak_bf16), tf(&peak_fp8));
     writeln!(
         md,
-        "peak bf16 cuBLAS 8192³: {pb:.0} TFLOP/s; peak fp8 block-scaled cuBLASLt 8192³: {pf:.0} TFLOP/s"
+        "device copy, 1 GiB, read+write: memcpy {:.2} TB/s, 16-byte copy kernel {:.2} TB/s",
+        copy.0 / 1e12,
+        copy.1 / 1e12
     )?;
-    json.push(peak_bf16.json());
-    json.push(peak_fp8.json());
+    let p = 8192;
+    let tf = |r: &Row| r.flops / (r.t.graph_us * 1e-6) / 1e12;
+    let mut peak = |kind: &str, row: Res<Row>| -> f64 {
+        match row {
+            Ok(r) => {
+                json.push(r.json());
+                tf(&r)
+            }
+            Err(e) => {
+                println!("peak {kind} FAILED: {e}");
+                f64::NAN
+            }
+        }
+    };
+    let pb_blas = peak("bf16", bench.bf16(p, p, p, 1, false));
+    let pb_lt = peak("bf16 lt", bench.bf16(p, p, p, 1, true));
+    let pb = pb_blas.max(pb_lt);
+    let pf = peak("fp8", bench.fp8(p, p, p, 2));
+    writeln!(
+        md,
+        "peak bf16 8192³: cuBLAS {pb_blas:.0}, cuBLASLt {pb_lt:.0} TFLOP/s; peak fp8 block-scaled cuBLASLt 8192³: {pf:.0} TFLOP/s"
+    )?;
     println!("{md}");
 
     let header = "| GEMM | M | N | K | graph µs | eager µs | HBM floor µs | × floor | GB/s | TFLOP/s | % of peak |\n|---|---|---|---|---|---|---|---|---|---|---|";
@@ -285,16 +319,16 @@ fn main() -> Res<()> {
     let mut seed = 100;
     for &(n, k) in shapes {
         for &m in ms {
-            for kind in ["bf16", "fp8"] {
+            for kind in ["bf16", "bf16lt", "fp8"] {
                 seed += 97;
-                let row = if kind == "bf16" {
-                    bench.bf16(m, n, k, seed)
-                } else {
-                    bench.fp8(m, n, k, seed)
+                let row = match kind {
+                    "bf16" => bench.bf16(m, n, k, seed, false),
+                    "bf16lt" => bench.bf16(m, n, k, seed, true),
+                    _ => bench.fp8(m, n, k, seed),
                 };
                 match row {
                     Ok(r) => {
-                        let peak = if kind == "bf16" { pb } else { pf };
+                        let peak = if kind == "fp8" { pf } else { pb };
                         let line = r.markdown(peak);
                         println!("{line}");
                         table.push('\n');
@@ -339,6 +373,7 @@ fn main() -> Res<()> {
                 &x,
                 &mut q,
                 &mut s,
+                t,
                 t,
                 d,
                 ActScaleLayout::TokenContiguous,

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as blas_sys};
-use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
@@ -72,6 +72,55 @@ impl BlasGemm {
     }
 }
 
+/// bf16 GEMM through cuBLASLt (32 MiB workspace, heuristic algorithm), on the device stream.
+#[derive(Debug)]
+pub struct LtBf16Gemm {
+    lt: CudaBlasLT,
+}
+
+impl LtBf16Gemm {
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let lt = CudaBlasLT::new(dev.stream().clone()).map_err(lt_err("cublasLtCreate"))?;
+        Ok(Self { lt })
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all bf16 row-major, fp32 accumulation.
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_bf16_lt";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the three buffers were checked against the shapes the config describes.
+        unsafe { self.lt.matmul(cfg, w, x, y, None, None) }.map_err(lt_err("cublasLtMatmul(bf16)"))
+    }
+}
+
 /// Layout of the activation scales (rows × k/128 fp32) handed to [`Fp8Gemm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ActScaleLayout {
@@ -113,6 +162,13 @@ impl Drop for Fp8Plan {
     }
 }
 
+/// Plans by padded (m, n, k), and the padded m chosen for each logical (m, n, k).
+#[derive(Debug, Default)]
+struct PlanCache {
+    plans: HashMap<(usize, usize, usize), Fp8Plan>,
+    padding: HashMap<(usize, usize, usize), usize>,
+}
+
 // SAFETY: the plan's handles are plain cuBLASLt descriptor objects; they are only used while the
 // `Fp8Gemm` mutex is held.
 unsafe impl Send for Fp8Plan {}
@@ -124,7 +180,7 @@ pub struct Fp8Gemm {
     handle: lt_sys::cublasLtHandle_t,
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
-    plans: Mutex<HashMap<(usize, usize, usize), Fp8Plan>>,
+    plans: Mutex<PlanCache>,
 }
 
 // SAFETY: the cuBLASLt handle is thread-safe for use with distinct descriptors; plans are
@@ -134,8 +190,8 @@ unsafe impl Sync for Fp8Gemm {}
 
 impl Drop for Fp8Gemm {
     fn drop(&mut self) {
-        if let Ok(plans) = self.plans.get_mut() {
-            plans.clear();
+        if let Ok(state) = self.plans.get_mut() {
+            state.plans.clear();
         }
         // SAFETY: the handle was created in `new` and is destroyed once.
         unsafe {
@@ -148,6 +204,20 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 
 fn lt_err(op: &'static str) -> impl Fn(lt::CublasError) -> CudaError {
     move |e| CudaError::Blas { op, status: format!("{e:?}") }
+}
+
+/// Points the plan's descriptor at this call's weight (A) and activation (B) scales.
+fn set_scale_pointers(plan: &Fp8Plan, w_scale: u64, x_scale: u64) -> Result<(), CudaError> {
+    use lt_sys::cublasLtMatmulDescAttributes_t as A;
+    for (attr, ptr) in [
+        (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale),
+        (A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale),
+    ] {
+        // SAFETY: scale-pointer attributes take a device pointer by value (8 bytes).
+        unsafe { lt::set_matmul_desc_attribute(plan.desc, attr, (&ptr as *const u64).cast(), 8) }
+            .map_err(lt_err("cublasLtMatmulDescSetAttribute(scale pointer)"))?;
+    }
+    Ok(())
 }
 
 impl Fp8Gemm {
@@ -164,11 +234,20 @@ impl Fp8Gemm {
             handle,
             stream: dev.stream().clone(),
             workspace,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(PlanCache::default()),
         })
     }
 
-    fn plan(&self, m: usize, n: usize, k: usize) -> Result<Fp8Plan, CudaError> {
+    /// Builds the descriptors and asks the heuristic for an algorithm. The scale pointers must be
+    /// set first: cuBLASLt rejects block-scale modes without them (CUBLAS_STATUS_INVALID_VALUE).
+    fn plan(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        w_scale: u64,
+        x_scale: u64,
+    ) -> Result<Option<Fp8Plan>, CudaError> {
         use lt_sys::cublasLtMatmulDescAttributes_t as A;
         use lt_sys::cublasLtMatmulMatrixScale_t as S;
         let e4m3 = lt_sys::cudaDataType_t::CUDA_R_8F_E4M3;
@@ -219,6 +298,7 @@ impl Fp8Gemm {
             A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
             S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
         )?;
+        set_scale_pointers(&plan, w_scale, x_scale)?;
         let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
         let ws = WORKSPACE_BYTES;
         // SAFETY: MAX_WORKSPACE_BYTES takes a u64/usize; the pointer is valid for reads.
@@ -236,23 +316,73 @@ impl Fp8Gemm {
             unsafe {
                 lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref)
             }
-            .map_err(|e| CudaError::Blas {
-                op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
-                status: format!("{e:?} for m={m} n={n} k={k}"),
+            .map(Some)
+            .or_else(|e| {
+                if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                    Ok(None)
+                } else {
+                    Err(CudaError::Blas {
+                        op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
+                        status: format!("{e:?} for m={m} n={n} k={k}"),
+                    })
+                }
             })
         });
         // SAFETY: created above, destroyed once.
         unsafe {
             let _ = lt::destroy_matmul_pref(pref);
         }
-        plan.algo = r?.algo;
-        Ok(plan)
+        Ok(r?.map(|h| {
+            plan.algo = h.algo;
+            plan
+        }))
     }
 
-    /// `y[m, n] = (x_q · s_x) [m, k] · ((w_q · s_w) [n, k])ᵀ` as bf16.
-    /// x_q: [m, k] e4m3 bits; x_s: m × k/128 f32 in [`Self::ACT_SCALE_LAYOUT`];
-    /// w_q: [n, k] e4m3 bits; w_s: ceil(n/128) × k/128 f32 in [`Self::WEIGHT_SCALE_LAYOUT`];
-    /// k % 128 == 0, n % 16 == 0 (cuBLASLt FP8 alignment).
+    /// The row count the GEMM runs with for `m` logical rows: the smallest of m rounded up to
+    /// 1, 4, 8, 16, 32, 64, 128 that cuBLASLt has a kernel for (it has none for m = 1 on
+    /// cuBLASLt 13.0/H200). Activation, activation-scale and output buffers are sized with it.
+    pub fn padded_rows(&self, m: usize, n: usize, k: usize) -> Result<usize, CudaError> {
+        const OP: &str = "gemm_fp8";
+        if k % 128 != 0 || n % 16 != 0 || m == 0 {
+            return Err(CudaError::shape(
+                OP,
+                format!("needs k % 128 == 0, n % 16 == 0, m > 0; got m={m} n={n} k={k}"),
+            ));
+        }
+        let mut state = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&p) = state.padding.get(&(m, n, k)) {
+            return Ok(p);
+        }
+        // Any aligned, non-null device pointer will do for the heuristic: the workspace.
+        let (dummy, _g) = self.workspace.device_ptr(&self.stream);
+        let mut tried = Vec::new();
+        for align in [1usize, 4, 8, 16, 32, 64, 128] {
+            let cand = m.next_multiple_of(align);
+            if tried.contains(&cand) {
+                continue;
+            }
+            tried.push(cand);
+            if state.plans.contains_key(&(cand, n, k)) {
+                state.padding.insert((m, n, k), cand);
+                return Ok(cand);
+            }
+            if let Some(plan) = self.plan(cand, n, k, dummy, dummy)? {
+                state.plans.insert((cand, n, k), plan);
+                state.padding.insert((m, n, k), cand);
+                return Ok(cand);
+            }
+        }
+        Err(CudaError::Blas {
+            op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
+            status: format!("no kernel for n={n} k={k} with m in {tried:?}"),
+        })
+    }
+
+    /// `y[m, n] = (x_q · s_x) [m, k] · ((w_q · s_w) [n, k])ᵀ` as bf16, run with
+    /// `p = self.padded_rows(m, n, k)` rows: x_q: [p, k] e4m3 bits; x_s: p × k/128 f32 in
+    /// [`Self::ACT_SCALE_LAYOUT`] (pitch p); w_q: [n, k] e4m3 bits; w_s: ceil(n/128) × k/128 f32
+    /// in [`Self::WEIGHT_SCALE_LAYOUT`]; y: [p, n] bf16, of which the first m rows are the
+    /// result. Pad rows must hold finite values (zeros). k % 128 == 0, n % 16 == 0.
     pub fn gemm(
         &self,
         x_q: &CudaSlice<u8>,
@@ -265,23 +395,12 @@ impl Fp8Gemm {
         k: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "gemm_fp8";
-        if k % 128 != 0 || n % 16 != 0 || m == 0 {
-            return Err(CudaError::shape(
-                OP,
-                format!("needs k % 128 == 0, n % 16 == 0, m > 0; got m={m} n={n} k={k}"),
-            ));
-        }
-        check_len(OP, "x_q", x_q.len(), m * k)?;
-        check_len(OP, "x_s", x_s.len(), m * (k / 128))?;
+        let p = self.padded_rows(m, n, k)?;
+        check_len(OP, "x_q", x_q.len(), p * k)?;
+        check_len(OP, "x_s", x_s.len(), p * (k / 128))?;
         check_len(OP, "w_q", w_q.len(), n * k)?;
         check_len(OP, "w_s", w_s.len(), n.div_ceil(128) * (k / 128))?;
-        check_len(OP, "y", y.len(), m * n)?;
-        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if !plans.contains_key(&(m, n, k)) {
-            let plan = self.plan(m, n, k)?;
-            plans.insert((m, n, k), plan);
-        }
-        let plan = &plans[&(m, n, k)];
+        check_len(OP, "y", y.len(), p * n)?;
         let stream = &self.stream;
         let (xq, _g1) = x_q.device_ptr(stream);
         let (xs, _g2) = x_s.device_ptr(stream);
@@ -289,17 +408,12 @@ impl Fp8Gemm {
         let (ws, _g4) = w_s.device_ptr(stream);
         let (yp, _g5) = y.device_ptr_mut(stream);
         let (wsp, _g6) = self.workspace.device_ptr(stream);
-        use lt_sys::cublasLtMatmulDescAttributes_t as A;
-        for (attr, ptr) in [
-            (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws),
-            (A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs),
-        ] {
-            // SAFETY: scale-pointer attributes take a device pointer by value (8 bytes).
-            unsafe {
-                lt::set_matmul_desc_attribute(plan.desc, attr, (&ptr as *const u64).cast(), 8)
-            }
-            .map_err(lt_err("cublasLtMatmulDescSetAttribute(scale pointer)"))?;
-        }
+        let state = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = state.plans.get(&(p, n, k)).ok_or_else(|| CudaError::Blas {
+            op: "gemm_fp8",
+            status: format!("no plan for m={p} n={n} k={k}"),
+        })?;
+        set_scale_pointers(plan, ws, xs)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: all buffers were checked against the plan's shapes; the scale buffers have the
         // sizes the scale modes read; the workspace is WORKSPACE_BYTES long.

@@ -27,7 +27,7 @@ pub mod sources;
 pub use cudarc;
 pub use device::{CudaDevice, DeviceInfo, DeviceOptions};
 pub use error::CudaError;
-pub use gemm::{ActScaleLayout, BlasGemm, Fp8Gemm, WeightScaleLayout};
+pub use gemm::{ActScaleLayout, BlasGemm, Fp8Gemm, LtBf16Gemm, WeightScaleLayout};
 pub use libs::{CudaLib, PreloadedLibraries, preload_libraries, require_libraries};
 pub use nvrtc::{KernelCache, compile_cubin, nvrtc_version};
 pub use ops::Ops;

@@ -23,6 +23,7 @@ pub struct Ops {
     fill_bf16: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
+    copy: CudaFunction,
 }
 
 fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
@@ -74,6 +75,7 @@ impl Ops {
             fill_bf16: fill[0].clone(),
             fill_e4m3: fill[1].clone(),
             fill_f32: fill[2].clone(),
+            copy: fill[3].clone(),
         })
     }
 
@@ -108,13 +110,17 @@ impl Ops {
     }
 
     /// FP8 activation quantisation in 1×128 groups with ue8m0 scales (spec §4.3).
-    /// x: [rows, k] bf16, k % 128 == 0; q: [rows, k] e4m3 bits; s: rows × k/128 f32 in `layout`.
+    /// x: [rows, k] bf16, k % 128 == 0; q: [padded_rows, k] e4m3 bits; s: padded_rows × k/128
+    /// f32 in `layout`. `padded_rows >= rows` is the row count the FP8 GEMM runs with
+    /// ([`crate::cuda::Fp8Gemm::padded_rows`]); only the first `rows` rows are written, so pad
+    /// rows keep what the caller put there (zeros: finite, and their outputs are ignored).
     pub fn act_quant_fp8(
         &self,
         x: &CudaSlice<bf16>,
         q: &mut CudaSlice<u8>,
         s: &mut CudaSlice<f32>,
         rows: usize,
+        padded_rows: usize,
         k: usize,
         layout: ActScaleLayout,
     ) -> Result<(), CudaError> {
@@ -122,9 +128,12 @@ impl Ops {
         if k % 128 != 0 {
             return Err(CudaError::shape(OP, format!("k = {k} is not a multiple of 128")));
         }
+        if padded_rows < rows {
+            return Err(CudaError::shape(OP, format!("padded_rows {padded_rows} < rows {rows}")));
+        }
         check_len(OP, "x", x.len(), rows * k)?;
-        check_len(OP, "q", q.len(), rows * k)?;
-        check_len(OP, "scales", s.len(), rows * (k / 128))?;
+        check_len(OP, "q", q.len(), padded_rows * k)?;
+        check_len(OP, "scales", s.len(), padded_rows * (k / 128))?;
         if rows == 0 {
             return Ok(());
         }
@@ -135,10 +144,11 @@ impl Ops {
             LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (rows_i, k_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "k", k)?);
         let token_major = i32::from(layout == ActScaleLayout::TokenContiguous);
+        let pitch = to_i32(OP, "padded_rows", padded_rows)?;
         let mut b = self.stream.launch_builder(&self.act_quant);
-        b.arg(x).arg(q).arg(s).arg(&rows_i).arg(&k_i).arg(&token_major);
-        // SAFETY: matches `act_quant_fp8` in quant.cu; all three buffers were checked against
-        // rows × k (k % 128 == 0, so every 8-byte load is aligned and in bounds).
+        b.arg(x).arg(q).arg(s).arg(&rows_i).arg(&k_i).arg(&token_major).arg(&pitch);
+        // SAFETY: matches `act_quant_fp8` in quant.cu; x was checked against rows × k, q and s
+        // against padded_rows ≥ rows (k % 128 == 0, so every 8-byte load is aligned, in bounds).
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch act_quant_fp8"))?;
         Ok(())
     }
@@ -215,6 +225,26 @@ impl Ops {
         // SAFETY: matches `fill_uniform_f32` in fill.cu; the kernel writes exactly n elements.
         unsafe { b.launch(grid_stride(n as usize)) }
             .map_err(CudaError::driver("launch fill_uniform_f32"))?;
+        Ok(())
+    }
+
+    /// `dst = src` through a 16-byte-vector kernel (for bandwidth measurements); both lengths
+    /// must be equal multiples of 16 bytes.
+    pub fn copy_16b(&self, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<(), CudaError> {
+        const OP: &str = "copy_16b";
+        if src.len() != dst.len() || src.len() % 16 != 0 {
+            return Err(CudaError::shape(
+                OP,
+                format!("src {} and dst {} must be equal multiples of 16", src.len(), dst.len()),
+            ));
+        }
+        let n16 = (src.len() / 16) as u64;
+        let mut b = self.stream.launch_builder(&self.copy);
+        b.arg(src).arg(dst).arg(&n16);
+        // SAFETY: matches `copy_16b` in fill.cu; cudarc allocations are 256-byte aligned and both
+        // buffers hold n16 × 16 bytes.
+        unsafe { b.launch(grid_stride(n16 as usize)) }
+            .map_err(CudaError::driver("launch copy_16b"))?;
         Ok(())
     }
 }

@@ -35,7 +35,7 @@ pub const QUANT: KernelSource = KernelSource {
 pub const FILL: KernelSource = KernelSource {
     name: "fill",
     code: include_str!("../../cuda/fill.cu"),
-    kernels: &["fill_uniform_bf16", "fill_uniform_e4m3", "fill_uniform_f32"],
+    kernels: &["fill_uniform_bf16", "fill_uniform_e4m3", "fill_uniform_f32", "copy_16b"],
 };
 
 /// Every source, in load order.
