@@ -36,7 +36,9 @@ fn a_missing_library_directory_is_named() {
 fn rmsnorm_matches_the_cpu_reference() {
     let Some((dev, _cache)) = gpu("rmsnorm_matches_the_cpu_reference") else { return };
     let mut rng = Rng::new(11);
-    for &(rows, dim) in &[(1usize, 7168usize), (37, 1536), (64, 512), (3, 100)] {
+    for &(rows, dim) in
+        &[(1usize, 7168usize), (37, 1536), (64, 512), (3, 100), (2, 16384), (2, 40000)]
+    {
         let x = rng.bf16_vec(rows * dim, 3.0);
         let w: Vec<f32> = (0..dim).map(|_| rng.uniform(0.5, 1.5)).collect();
         let xd = dev.upload(&x).unwrap();

@@ -339,8 +339,10 @@ impl Fp8Gemm {
     }
 
     /// The row count the GEMM runs with for `m` logical rows: the smallest of m rounded up to
-    /// 1, 4, 8, 16, 32, 64, 128 that cuBLASLt has a kernel for (it has none for m = 1 on
-    /// cuBLASLt 13.0/H200). Activation, activation-scale and output buffers are sized with it.
+    /// 4, 8, 16, 32, 64, 128 that cuBLASLt has a kernel for. At least a multiple of 4: the
+    /// `VEC128_32F` scale tensor's token dimension is read with a pitch of m rounded up to 4
+    /// (seen on the H200: m = 130 with pitch 130 gave garbage; m = 1 has no kernel at all).
+    /// Activation, activation-scale and output buffers are sized with it.
     pub fn padded_rows(&self, m: usize, n: usize, k: usize) -> Result<usize, CudaError> {
         const OP: &str = "gemm_fp8";
         if k % 128 != 0 || n % 16 != 0 || m == 0 {
@@ -356,7 +358,7 @@ impl Fp8Gemm {
         // Any aligned, non-null device pointer will do for the heuristic: the workspace.
         let (dummy, _g) = self.workspace.device_ptr(&self.stream);
         let mut tried = Vec::new();
-        for align in [1usize, 4, 8, 16, 32, 64, 128] {
+        for align in [4usize, 8, 16, 32, 64, 128] {
             let cand = m.next_multiple_of(align);
             if tried.contains(&cand) {
                 continue;

@@ -18,8 +18,10 @@ use crate::cuda::{CudaError, KernelCache, compile_cubin};
 pub struct Ops {
     stream: Arc<CudaStream>,
     rmsnorm: CudaFunction,
+    rmsnorm_v8: CudaFunction,
     act_quant: CudaFunction,
     dequant: CudaFunction,
+    dequant_v16: CudaFunction,
     fill_bf16: CudaFunction,
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
@@ -70,8 +72,10 @@ impl Ops {
         Ok(Self {
             stream: stream.clone(),
             rmsnorm: norm[0].clone(),
+            rmsnorm_v8: norm[1].clone(),
             act_quant: quant[0].clone(),
             dequant: quant[1].clone(),
+            dequant_v16: quant[2].clone(),
             fill_bf16: fill[0].clone(),
             fill_e4m3: fill[1].clone(),
             fill_f32: fill[2].clone(),
@@ -99,12 +103,23 @@ impl Ops {
         }
         let rows_u = u32::try_from(rows).map_err(|_| CudaError::shape(OP, "too many rows"))?;
         let dim_i = to_i32(OP, "dim", dim)?;
-        let cfg =
-            LaunchConfig { grid_dim: (rows_u, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(&self.rmsnorm);
+        // The vectorised kernel holds a row in registers: 4 × 8 elements per thread.
+        let (func, threads) = match dim {
+            d if d % 8 == 0 && d <= 8 * 4 * 256 => (&self.rmsnorm_v8, 256),
+            d if d % 8 == 0 && d <= 8 * 4 * 1024 => (&self.rmsnorm_v8, 1024),
+            _ => (&self.rmsnorm, 256),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows_u, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(func);
         b.arg(x).arg(w).arg(y).arg(&dim_i).arg(&eps);
-        // SAFETY: argument types and order match `rmsnorm_bf16` in norm.cu; lengths were checked
-        // against rows × dim above, which is all the kernel indexes.
+        // SAFETY: argument types and order match `rmsnorm_bf16` and `rmsnorm_bf16_v8` in
+        // norm.cu; lengths were checked against rows × dim above, which is all the kernels
+        // index; the v8 kernel is chosen only for dim % 8 == 0 (16-byte aligned rows of x, y
+        // and w, cudarc allocations being 256-byte aligned) and dim ≤ 32 × threads.
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch rmsnorm_bf16"))?;
         Ok(())
     }
@@ -171,10 +186,13 @@ impl Ops {
             return Ok(());
         }
         let (n_i, k_i) = (to_i32(OP, "n", n)?, to_i32(OP, "k", k)?);
-        let mut b = self.stream.launch_builder(&self.dequant);
+        let (func, per_thread) =
+            if k % 16 == 0 { (&self.dequant_v16, 16) } else { (&self.dequant, 1) };
+        let mut b = self.stream.launch_builder(func);
         b.arg(w).arg(s).arg(out).arg(&n_i).arg(&k_i);
-        // SAFETY: matches `dequant_fp8_block` in quant.cu; lengths checked above.
-        unsafe { b.launch(grid_stride(n * k)) }
+        // SAFETY: matches `dequant_fp8_block(_v16)` in quant.cu; lengths checked above; the v16
+        // kernel only for k % 16 == 0 (16-byte aligned rows; 256-byte aligned allocations).
+        unsafe { b.launch(grid_stride(n * k / per_thread)) }
             .map_err(CudaError::driver("launch dequant_fp8_block"))?;
         Ok(())
     }

@@ -21,14 +21,14 @@ pub struct KernelSource {
 pub const NORM: KernelSource = KernelSource {
     name: "norm",
     code: include_str!("../../cuda/norm.cu"),
-    kernels: &["rmsnorm_bf16"],
+    kernels: &["rmsnorm_bf16", "rmsnorm_bf16_v8"],
 };
 
 /// FP8 activation quantisation and weight dequantisation.
 pub const QUANT: KernelSource = KernelSource {
     name: "quant",
     code: include_str!("../../cuda/quant.cu"),
-    kernels: &["act_quant_fp8", "dequant_fp8_block"],
+    kernels: &["act_quant_fp8", "dequant_fp8_block", "dequant_fp8_block_v16"],
 };
 
 /// Pseudo-random device fills (benchmarks).
