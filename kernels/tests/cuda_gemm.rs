@@ -51,11 +51,21 @@ fn act_scales_in(layout: ActScaleLayout, s: &[f32], m: usize, p: usize, kb: usiz
     out
 }
 
+/// Weight scales `s` ([nb, kb] row-major, the checkpoint's order) laid out for the GEMM: rows
+/// padded to [`Fp8Gemm::weight_scale_pitch`], transposed for the probe.
 fn weight_scales_in(layout: WeightScaleLayout, s: &[f32], nb: usize, kb: usize) -> Vec<f32> {
-    match layout {
-        WeightScaleLayout::RowMajor => s.to_vec(),
-        WeightScaleLayout::Transposed => (0..kb * nb).map(|i| s[(i % nb) * kb + i / nb]).collect(),
+    let pitch = Fp8Gemm::weight_scale_pitch(kb * 128);
+    let mut out = vec![0f32; nb * pitch];
+    for i in 0..nb {
+        for j in 0..kb {
+            let at = match layout {
+                WeightScaleLayout::RowMajor => i * pitch + j,
+                WeightScaleLayout::Transposed => j * nb + i,
+            };
+            out[at] = s[i * kb + j];
+        }
     }
+    out
 }
 
 struct Fp8Case {
@@ -140,6 +150,38 @@ fn fp8_block_scaled_gemm_matches_the_cpu_reference() {
         "the documented scale layouts do not match cuBLASLt:\n{}",
         report.join("\n")
     );
+}
+
+#[test]
+fn fp8_gemm_is_right_over_a_sweep_of_shapes() {
+    let Some((dev, _cache)) = gpu("fp8_gemm_is_right_over_a_sweep_of_shapes") else { return };
+    let gemm = Fp8Gemm::new(&dev).unwrap();
+    let mut rng = Rng::new(23);
+    let (al, wl) = (Fp8Gemm::ACT_SCALE_LAYOUT, Fp8Gemm::WEIGHT_SCALE_LAYOUT);
+    let mut bad = Vec::new();
+    for &(m, n, k) in &[
+        (64usize, 256usize, 384usize),
+        (128, 256, 384),
+        (132, 256, 384),
+        (136, 256, 384),
+        (144, 256, 384),
+        (256, 256, 384),
+        (130, 256, 1024),
+        (130, 2112, 1024),
+        (200, 576, 512),
+        (3, 256, 384),
+        (17, 2112, 512),
+        (40, 384, 640),
+    ] {
+        let c = fp8_case(&mut rng, m, n, k);
+        let err = run_fp8(&dev, &gemm, &c, al, wl);
+        let p = gemm.padded_rows(m, n, k).unwrap();
+        eprintln!("sweep m={m} (run as {p}) n={n} k={k}: rel err {err:.3e}");
+        if err >= 1e-2 {
+            bad.push(format!("m={m} n={n} k={k}: {err:.3e}"));
+        }
+    }
+    assert!(bad.is_empty(), "FP8 GEMM wrong at {bad:?}");
 }
 
 #[test]

@@ -204,7 +204,7 @@ impl Bench<'_> {
         for c in 0..copies {
             let mut w = dev.zeros::<u8>(n * k)?;
             dev.ops().fill_uniform_e4m3(&mut w, seed + c as u32, 400.0)?;
-            let mut s = dev.zeros::<f32>(n.div_ceil(128) * kb)?;
+            let mut s = dev.zeros::<f32>(n.div_ceil(128) * Fp8Gemm::weight_scale_pitch(k))?;
             dev.ops().fill_uniform_f32(&mut s, seed + 1000 + c as u32, 1e-4, 1e-3)?;
             ws.push((w, s));
         }

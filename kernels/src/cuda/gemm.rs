@@ -224,6 +224,15 @@ impl Fp8Gemm {
     /// Layout of the activation scales cuBLASLt's `VEC128_32F` mode reads (checked on the H200 by
     /// the `cuda_gemm` parity test, which tries every combination).
     pub const ACT_SCALE_LAYOUT: ActScaleLayout = ActScaleLayout::TokenContiguous;
+    /// Row pitch (in floats) of the weight-scale tensor: k/128 rounded up to a multiple of 4.
+    /// cuBLASLt reads `BLK128x128_32F` scales with 16-byte-aligned rows (seen on the H200: k =
+    /// 384 with unpadded rows of 3 gave garbage). For every DeepSeek-V3.2 weight k/128 is
+    /// already a multiple of 4 (k ∈ {512, 1536, 2048, 7168, 16384}), so the checkpoint's
+    /// `weight_scale_inv` is used as it is.
+    pub fn weight_scale_pitch(k: usize) -> usize {
+        (k / 128).next_multiple_of(4)
+    }
+
     /// Layout of the weight scales cuBLASLt's `BLK128x128_32F` mode reads (same test).
     pub const WEIGHT_SCALE_LAYOUT: WeightScaleLayout = WeightScaleLayout::RowMajor;
 
@@ -381,10 +390,13 @@ impl Fp8Gemm {
     }
 
     /// `y[m, n] = (x_q · s_x) [m, k] · ((w_q · s_w) [n, k])ᵀ` as bf16, run with
-    /// `p = self.padded_rows(m, n, k)` rows: x_q: [p, k] e4m3 bits; x_s: p × k/128 f32 in
-    /// [`Self::ACT_SCALE_LAYOUT`] (pitch p); w_q: [n, k] e4m3 bits; w_s: ceil(n/128) × k/128 f32
-    /// in [`Self::WEIGHT_SCALE_LAYOUT`]; y: [p, n] bf16, of which the first m rows are the
-    /// result. Pad rows must hold finite values (zeros). k % 128 == 0, n % 16 == 0.
+    /// `p = self.padded_rows(m, n, k)` rows:
+    /// - x_q: [p, k] e4m3 bits; x_s: p × k/128 f32 in [`Self::ACT_SCALE_LAYOUT`] (pitch p);
+    /// - w_q: [n, k] e4m3 bits; w_s: [ceil(n/128), [`Self::weight_scale_pitch`]] f32 in
+    ///   [`Self::WEIGHT_SCALE_LAYOUT`];
+    /// - y: [p, n] bf16, of which the first m rows are the result.
+    ///
+    /// Pad rows must hold finite values (zeros). k % 128 == 0, n % 16 == 0.
     pub fn gemm(
         &self,
         x_q: &CudaSlice<u8>,
@@ -401,7 +413,7 @@ impl Fp8Gemm {
         check_len(OP, "x_q", x_q.len(), p * k)?;
         check_len(OP, "x_s", x_s.len(), p * (k / 128))?;
         check_len(OP, "w_q", w_q.len(), n * k)?;
-        check_len(OP, "w_s", w_s.len(), n.div_ceil(128) * (k / 128))?;
+        check_len(OP, "w_s", w_s.len(), n.div_ceil(128) * Self::weight_scale_pitch(k))?;
         check_len(OP, "y", y.len(), p * n)?;
         let stream = &self.stream;
         let (xq, _g1) = x_q.device_ptr(stream);
