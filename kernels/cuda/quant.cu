@@ -5,28 +5,46 @@
 // x [rows, k] bf16 with k % 128 == 0. q [>= rows, k] e4m3. Scales are written either
 // row-major [pitch, k/128] (token_major == 0) or token-contiguous [k/128, pitch] (token_major == 1),
 // where pitch >= rows is the padded row count the GEMM runs with (pad entries are not written).
-// Launch: one warp per group; block = 256 threads (8 groups), grid = ceil(rows * k/128 / 8).
+// Groups are contiguous in memory (group g = row * k/128 + kb starts at element 128 g), so each
+// half-warp takes one group: 16 lanes x 8 elements, one 16-byte load and one 8-byte store each.
+// Launch: block = 256 threads (16 groups), grid = ceil(rows * k/128 / 16).
 extern "C" __global__ void act_quant_fp8(const bf16_t* __restrict__ x, fp8_t* __restrict__ q,
                                          float* __restrict__ s, int rows, int k,
                                          int token_major, int pitch) {
     const int groups_per_row = k >> 7;
-    const long long group = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (group >= (long long)rows * groups_per_row) return;  // whole warp exits together
-    const int lane = threadIdx.x & 31;
-    const int row = (int)(group / groups_per_row);
-    const int kb = (int)(group % groups_per_row);
-    const size_t base = (size_t)row * k + (size_t)kb * 128 + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + base);  // 4 bf16, 8-byte aligned
-    float v[4] = {bf16_to_f32((bf16_t)(raw.x & 0xffffu)), bf16_to_f32((bf16_t)(raw.x >> 16)),
-                  bf16_to_f32((bf16_t)(raw.y & 0xffffu)), bf16_to_f32((bf16_t)(raw.y >> 16))};
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-    amax = fmaxf(warp_max(amax), 1e-4f);
-    const float scale = ceil_pow2(amax / E4M3_MAX);
-    u32 packed = 0;
+    const long long group = (long long)blockIdx.x * (blockDim.x >> 4) + (threadIdx.x >> 4);
+    const long long total = (long long)rows * groups_per_row;
+    // Both half-warps must reach the shuffles: clamp, and skip the stores when out of range.
+    const bool live = group < total;
+    const long long g = live ? group : total - 1;
+    const int lane = threadIdx.x & 15;
+    const size_t base = (size_t)g * 128 + lane * 8;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + base);  // 8 bf16, 16-byte aligned
+    const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) packed |= ((u32)f32_to_e4m3(v[i] / scale)) << (8 * i);
-    *reinterpret_cast<u32*>(q + base) = packed;
+    for (int h = 0; h < 4; ++h) {
+        v[2 * h] = bf16_to_f32((bf16_t)(words[h] & 0xffffu));
+        v[2 * h + 1] = bf16_to_f32((bf16_t)(words[h] >> 16));
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    amax = fmaxf(amax, 1e-4f);
+    const float scale = ceil_pow2(amax / E4M3_MAX);
+    u32 lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        lo |= ((u32)f32_to_e4m3(v[i] / scale)) << (8 * i);
+        hi |= ((u32)f32_to_e4m3(v[i + 4] / scale)) << (8 * i);
+    }
+    if (!live) return;
+    *reinterpret_cast<uint2*>(q + base) = make_uint2(lo, hi);
     if (lane == 0) {
+        const int row = (int)(g / groups_per_row);
+        const int kb = (int)(g % groups_per_row);
         const size_t si = token_major ? (size_t)kb * pitch + row : (size_t)row * groups_per_row + kb;
         s[si] = scale;
     }

@@ -14,8 +14,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fathom_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream, sys};
+use fathom_kernels::cuda::nccl::NcclElem;
 use fathom_kernels::cuda::{
-    ActScaleLayout, BlasGemm, CudaDevice, DeviceOptions, Fp8Gemm, LtBf16Gemm,
+    ActScaleLayout, BlasGemm, CudaDevice, DeviceOptions, Fp8Gemm, LtBf16Gemm, NcclComm,
+    NcclUniqueId,
 };
 use half::bf16;
 
@@ -246,6 +248,100 @@ fn copy_bandwidth(dev: &CudaDevice, reps: usize) -> Res<(f64, f64)> {
     Ok((bw(t), bw(k)))
 }
 
+/// Eager timing of one collective on every rank (same sequence everywhere): median µs per call.
+fn time_collective<T: NcclElem + fathom_kernels::cuda::cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    comm: &NcclComm,
+    send_len: usize,
+    recv_len: usize,
+    reps: usize,
+    op: impl Fn(&NcclComm, &CudaSlice<T>, &mut CudaSlice<T>) -> Res<()>,
+) -> Res<f64> {
+    let send = dev.zeros::<T>(send_len)?;
+    let mut recv = dev.zeros::<T>(recv_len)?;
+    let ctx = dev.context();
+    let start = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+    let stop = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+    for _ in 0..3 {
+        op(comm, &send, &mut recv)?;
+    }
+    dev.synchronize()?;
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        start.record(dev.stream())?;
+        for _ in 0..5 {
+            op(comm, &send, &mut recv)?;
+        }
+        stop.record(dev.stream())?;
+        stop.synchronize()?;
+        v.push(f64::from(start.elapsed_ms(&stop)?) * 1e3 / 5.0);
+    }
+    Ok(median(v))
+}
+
+/// NCCL between GPUs 0 and 1 through `NcclComm` (one thread per rank): all-reduce bus
+/// bandwidth and all-to-all at the EP dispatch sizes of EP-DISPATCH.md.
+fn nccl_bench(lib_dirs: &[PathBuf], reps: usize) -> Res<String> {
+    let world = 2usize;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let run =
+        |rank: usize,
+         tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+         rx: Option<std::sync::mpsc::Receiver<Vec<u8>>>|
+         -> Res<String> {
+            let opts =
+                DeviceOptions { ordinal: rank, lib_dirs: lib_dirs.to_vec(), kernel_cache: None };
+            let dev = CudaDevice::open(&opts)?;
+            let id = match (tx, rx) {
+                (Some(tx), _) => {
+                    let id = NcclUniqueId::new()?;
+                    tx.send(id.to_bytes().to_vec())?;
+                    id
+                }
+                (None, Some(rx)) => NcclUniqueId::from_bytes(&rx.recv()?)?,
+                _ => return Err("rank without id channel".into()),
+            };
+            let comm = NcclComm::init_rank(&dev, &id, rank, world)?;
+            let mut out =
+                String::from("| collective | bytes | µs | bandwidth |\n|---|---|---|---|");
+            let n = 128usize << 20; // 256 MiB of bf16
+            let t = time_collective::<bf16>(&dev, &comm, n, n, reps, |c, s, r| {
+                Ok(c.all_reduce_sum(s, r)?)
+            })?;
+            let bytes = (2 * n) as f64;
+            let bus = 2.0 * (world as f64 - 1.0) / world as f64 * bytes / (t * 1e-6) / 1e9;
+            write!(out, "\n| all-reduce bf16 | 256 MiB | {t:.0} | bus {bus:.0} GB/s |")?;
+            for per_peer in [4096usize, 950_272, 30_408_704] {
+                let len = per_peer * world;
+                let t = time_collective::<u8>(&dev, &comm, len, len, reps, |c, s, r| {
+                    Ok(c.all_to_all(s, r)?)
+                })?;
+                let bw = per_peer as f64 / (t * 1e-6) / 1e9;
+                write!(
+                    out,
+                    "\n| all-to-all u8 | {per_peer} per peer | {t:.1} | {bw:.0} GB/s per peer |"
+                )?;
+            }
+            dev.synchronize()?;
+            Ok(out)
+        };
+    let results: Vec<Res<String>> = std::thread::scope(|scope| {
+        let r1 = scope.spawn(|| run(1, None, Some(rx)).map_err(|e| e.to_string()));
+        let r0 = run(0, Some(tx), None).map_err(|e| e.to_string());
+        vec![
+            r0.map_err(Into::into),
+            r1.join()
+                .map_err(|_| "rank 1 panicked".to_string())
+                .and_then(|r| r)
+                .map_err(Into::into),
+        ]
+    });
+    let mut it = results.into_iter();
+    let r0 = it.next().ok_or("no rank 0")??;
+    it.next().ok_or("no rank 1")??;
+    Ok(r0)
+}
+
 fn main() -> Res<()> {
     let args = parse_args()?;
     let opts = DeviceOptions {
@@ -407,7 +503,18 @@ fn main() -> Res<()> {
     }
     println!("{own}");
 
-    let report = format!("{md}\n{table}\n\n{own}\n");
+    let gpus = CudaDevice::count(&args.lib_dirs)?;
+    let nccl = if gpus >= 2 {
+        match nccl_bench(&args.lib_dirs, bench.reps) {
+            Ok(t) => t,
+            Err(e) => format!("NCCL bench FAILED: {e}"),
+        }
+    } else {
+        format!("NCCL bench: needs 2 GPUs, found {gpus}")
+    };
+    println!("{nccl}");
+
+    let report = format!("{md}\n{table}\n\n{own}\n\n{nccl}\n");
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("gemm.md"), &report)?;

@@ -154,7 +154,7 @@ impl Ops {
         }
         let groups = rows * (k / 128);
         let blocks =
-            u32::try_from(groups.div_ceil(8)).map_err(|_| CudaError::shape(OP, "too large"))?;
+            u32::try_from(groups.div_ceil(16)).map_err(|_| CudaError::shape(OP, "too large"))?;
         let cfg =
             LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (rows_i, k_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "k", k)?);
@@ -163,7 +163,8 @@ impl Ops {
         let mut b = self.stream.launch_builder(&self.act_quant);
         b.arg(x).arg(q).arg(s).arg(&rows_i).arg(&k_i).arg(&token_major).arg(&pitch);
         // SAFETY: matches `act_quant_fp8` in quant.cu; x was checked against rows × k, q and s
-        // against padded_rows ≥ rows (k % 128 == 0, so every 8-byte load is aligned, in bounds).
+        // against padded_rows ≥ rows (k % 128 == 0 and 256-byte aligned allocations, so every
+        // 16-byte load and 8-byte store is aligned and in bounds).
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch act_quant_fp8"))?;
         Ok(())
     }
