@@ -8,6 +8,7 @@
 //! scheduling. Nothing here reads environment variables.
 
 pub mod cpu;
+pub mod cuda;
 pub mod tensor;
 
 pub use tensor::Tensor;
