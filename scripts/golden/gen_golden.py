@@ -158,7 +158,7 @@ CASES = [
         name="group_routing",
         about="router bias built so group-limited routing (top-2 of 4 groups) often differs from "
         "plain top-k over the biased scores",
-        seed=4004,
+        seed=4005,
         prompt_len=12,
         gen=32,
         overrides={},
