@@ -396,7 +396,7 @@ def run_case(case, seed, model, loaded, cfg, tmp, saved_cfg, gen, out_root) -> d
     d_one = agree(logits, one_by_one, "token by token from position 0")
 
     # Greedy consistency and margins.
-    gen_logits = logits[P - 1 :]  # rows predicting greedy[0..N-2]; plus the last from cached run
+    gen_logits = logits[P - 1 :]  # [N, V]: row P-1+i predicts greedy[i]
     am = gen_logits.argmax(-1)
     assert torch.equal(am, greedy[: T - P + 1]), f"{name}: generate() disagrees with argmax of full forward"
     top2 = gen_logits.topk(2, dim=-1).values
