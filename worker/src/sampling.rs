@@ -32,6 +32,10 @@
 //!      `K` (same order), such an id always exists.
 //!   7. `logprob = ln q_token = (l_token - m)/T - ln K`, which is `<= 0`.
 //!
+//! Reproducing this elsewhere (numpy, torch in float64) gives the same token except when `u · K`
+//! falls within rounding (~1e-16 relative) of a cumulative boundary, or a top-p threshold equals a
+//! cumulative sum to the last bit: `exp` is the platform's libm, not a bit-specified function.
+//!
 //! # The random stream
 //! `uniform(seed, step)` is the `(step + 1)`-th output of the standard SplitMix64 generator whose
 //! state starts at `seed`, mapped to `[0, 1)` with 53 bits:
