@@ -6,4 +6,5 @@
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
+pub mod sampling;
 pub mod weights;
