@@ -7,3 +7,4 @@
 //! messaging; activations never pass through it.
 
 pub mod membership;
+pub mod scheduler;
