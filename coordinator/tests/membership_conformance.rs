@@ -186,6 +186,19 @@ mod suite {
         assert!(matches!(e, MembershipError::Timeout { op: "wait rendezvous", .. }), "{e}");
     }
 
+    pub async fn prune_epochs_keeps_recent_ones(f: &Fixture) {
+        let m = f.client().await;
+        for e in [1u64, 2, 9, 10, 11] {
+            m.publish_rendezvous(Epoch(e), vec![e as u8]).await.unwrap();
+        }
+        assert_eq!(m.prune_epochs(Epoch(10)).await.unwrap(), 3);
+        for (e, kept) in [(1u64, false), (2, false), (9, false), (10, true), (11, true)] {
+            let got = m.read_rendezvous(Epoch(e)).await.unwrap();
+            assert_eq!(got.is_some(), kept, "epoch {e}");
+        }
+        assert_eq!(m.prune_epochs(Epoch(10)).await.unwrap(), 0);
+    }
+
     pub async fn leader_election(f: &Fixture) {
         let a = f.client().await;
         let b = f.client().await;
@@ -236,7 +249,7 @@ macro_rules! conformance {
                 register_list_watch_and_revoke, lease_expiry_removes_worker,
                 keep_alive_keeps_worker, duplicate_id_is_refused_until_released,
                 plan_compare_and_swap, watch_plan_sees_current_then_newer,
-                rendezvous_publish_and_wait, leader_election, invalid_arguments_are_named);
+                rendezvous_publish_and_wait, prune_epochs_keeps_recent_ones, leader_election, invalid_arguments_are_named);
         }
     };
     (@tests $make:expr; $($name:ident),*) => {

@@ -201,6 +201,12 @@ impl KvStore for EtcdStore {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let key = key.to_string();
+        let resp = self.call("delete", |mut c| async move { c.delete(key, None).await }).await?;
+        Ok(resp.deleted() > 0)
+    }
+
     async fn watch_prefix(
         &self,
         prefix: &str,

@@ -207,6 +207,15 @@ impl KvStore for MemoryStore {
         Ok(true)
     }
 
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let mut s = self.live();
+        if s.kvs.remove(key).is_none() {
+            return Ok(false);
+        }
+        s.record(key.to_string(), None);
+        Ok(true)
+    }
+
     async fn watch_prefix(
         &self,
         prefix: &str,

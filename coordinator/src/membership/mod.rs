@@ -119,7 +119,8 @@ pub struct PlanRecord {
 }
 
 /// The membership store, as the coordinator and workers use it. Object safe
-/// (`Arc<dyn Membership>`); every method is cancel-safe.
+/// (`Arc<dyn Membership>`). Dropping a future mid-call never corrupts state; at worst a key
+/// created under a lease by a cancelled `register_worker`/`campaign` lingers until its TTL.
 pub trait Membership: Send + Sync + std::fmt::Debug {
     /// The key layout of this cluster.
     fn keys(&self) -> &Keys;
@@ -161,6 +162,10 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 
     /// The rendezvous bytes of `epoch`, if published.
     fn read_rendezvous(&self, epoch: Epoch) -> BoxFuture<'_, Result<Option<Vec<u8>>>>;
+
+    /// Deletes the per-epoch keys (`epoch/<n>/...`) of every epoch below `keep_from`; returns
+    /// how many keys were deleted. The leader calls it after a new epoch is serving.
+    fn prune_epochs(&self, keep_from: Epoch) -> BoxFuture<'_, Result<usize>>;
 
     /// Becomes the leading coordinator as `candidate` (waits while another leads). The
     /// leadership lasts while its lease is kept alive; once [`LeaseState::Lost`] it is over.

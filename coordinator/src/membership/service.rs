@@ -415,6 +415,23 @@ impl<S: KvStore> Membership for StoreMembership<S> {
             .boxed()
     }
 
+    fn prune_epochs(&self, keep_from: Epoch) -> BoxFuture<'_, Result<usize>> {
+        async move {
+            let prefix = format!("{}epoch/", self.keys.root());
+            let (entries, _) = self.store.get_prefix(&prefix).await?;
+            let mut deleted = 0;
+            for e in entries {
+                let epoch =
+                    e.key[prefix.len()..].split('/').next().and_then(|n| n.parse::<u64>().ok());
+                if epoch.is_some_and(|n| n < keep_from.0) && self.store.delete(&e.key).await? {
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
+        }
+        .boxed()
+    }
+
     fn campaign(&self, candidate: String, ttl: Duration) -> BoxFuture<'_, Result<Leadership>> {
         self.campaign_impl(candidate, ttl).boxed()
     }

@@ -64,6 +64,8 @@ pub trait KvStore: Send + Sync + std::fmt::Debug + 'static {
         lease: LeaseId,
         expected: i64,
     ) -> impl Future<Output = Result<bool>> + Send;
+    /// Deletes one key; `Ok(false)` if it did not exist.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Watches keys starting with `prefix` from revision `from` (inclusive). The stream ends or
     /// yields an error when the watch breaks; callers re-list and watch again.
     fn watch_prefix(
