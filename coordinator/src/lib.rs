@@ -5,3 +5,5 @@
 //!
 //! Never depends on `fathom-kernels` or any GPU code: the coordinator only does bookkeeping and
 //! messaging; activations never pass through it.
+
+pub mod text;
