@@ -2,8 +2,8 @@
 //! DeepSeek's `encoding_dsv32.py` it checks), special-token loading, and request validation.
 
 use fathom_coordinator::text::{
-    ChatMessage, ChatRequest, ChatTemplate, SpecialTokens, TextError, Tokenizer, encode_prompt,
-    load_tokenizer,
+    ChatMessage, ChatRequest, ChatTemplate, OrderedJson, SpecialTokens, TextError, Tokenizer,
+    encode_prompt, load_tokenizer,
 };
 use serde_json::json;
 
@@ -105,7 +105,7 @@ fn multi_turn_thinking_mode_keeps_only_last_turn_open() {
 fn weather_call() -> ChatMessage {
     let mut m = ChatMessage::assistant_tool_calls(&[(
         "get_weather",
-        r#"{"city": "Paris", "days": 2, "units": ["C", "F"]}"#,
+        r#"{"city": "Paris", "days": 2, "units": ["C", "F"], "o": {"z": 1, "a": null}}"#,
     )]);
     m.reasoning_content = Some("need the tool".to_string());
     m
@@ -116,12 +116,13 @@ const WEATHER_DSML: &str = "\n\n<｜DSML｜function_calls>\n\
 <｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n\
 <｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n\
 <｜DSML｜parameter name=\"units\" string=\"false\">[\"C\", \"F\"]</｜DSML｜parameter>\n\
+<｜DSML｜parameter name=\"o\" string=\"false\">{\"z\": 1, \"a\": null}</｜DSML｜parameter>\n\
 </｜DSML｜invoke>\n\
 </｜DSML｜function_calls>";
 
 /// Rules: in thinking mode an assistant turn after the last user turn is
-/// `{reasoning}</think>{content}{dsml}<｜end▁of▁sentence｜>`; DSML parameters keep argument order,
-/// strings raw with string="true", other values as Python-style JSON with string="false"; tool
+/// `{reasoning}</think>{content}{dsml}<｜end▁of▁sentence｜>`; DSML parameters keep argument order
+/// (nested objects too), strings raw with string="true", other values as Python-style JSON with string="false"; tool
 /// results are wrapped in `<function_results>` and followed by `\n\n<think>` in thinking mode.
 #[test]
 fn tool_loop_thinking_mode() {
@@ -159,8 +160,12 @@ fn tool_loop_chat_mode_two_calls() {
 /// each function schema as one line of Python-style JSON inside `<functions>`.
 #[test]
 fn tools_section_follows_system_text() {
-    let tool = json!({"type": "function", "function": {"name": "get_weather",
-        "parameters": {"type": "object"}}});
+    // Key order is the document's (not sorted): "name" before "description".
+    let tool: OrderedJson = serde_json::from_str(
+        r#"{"type": "function", "function": {"name": "get_weather", "description": "天气",
+            "parameters": {"type": "object"}}}"#,
+    )
+    .unwrap();
     let req = ChatRequest {
         messages: vec![ChatMessage::system("S"), ChatMessage::user("Q")],
         tools: vec![tool.clone()],
@@ -171,8 +176,8 @@ fn tools_section_follows_system_text() {
     assert!(got.starts_with(&head), "{got}");
     let tail = format!(
         "<think>...thinking about results</think>\n\nHere are the functions available in \
-         JSONSchema format:\n<functions>\n{{\"name\": \"get_weather\", \"parameters\": \
-         {{\"type\": \"object\"}}}}\n</functions>\n{U}Q{A}</think>"
+         JSONSchema format:\n<functions>\n{{\"name\": \"get_weather\", \"description\": \
+         \"天气\", \"parameters\": {{\"type\": \"object\"}}}}\n</functions>\n{U}Q{A}</think>"
     );
     assert!(got.ends_with(&tail), "{got}");
     assert!(got.contains("<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">"));
@@ -276,7 +281,7 @@ fn invalid_requests_are_named() {
     assert!(t.render(&chat).is_ok(), "chat mode renders no reasoning, so none is required");
     let tools = ChatRequest {
         messages: vec![ChatMessage::user("a")],
-        tools: vec![json!({"type": "function"})],
+        tools: vec![json!({"type": "function"}).into()],
         thinking: false,
     };
     assert_eq!(t.render(&tools).unwrap_err(), TextError::InvalidTool { index: 0 });

@@ -22,12 +22,11 @@
 //! assistant tool call has exactly one tool message answering it. Not supported (rejected as an
 //! unknown role): DeepSeek's `developer` role. `response_format` is not rendered.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
 use super::TextError;
 use super::dsml::{DsmlCall, render_tool_calls, render_tools};
+use super::json::OrderedJson;
 use super::special::SpecialTokens;
+use serde::{Deserialize, Serialize};
 
 /// One message, in the shape of OpenAI's chat API (extra fields are ignored by deserialisation).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,12 +99,13 @@ impl ChatMessage {
 }
 
 /// What to render: the conversation, the tools offered (OpenAI `tools` array entries,
-/// `{"type": "function", "function": {...}}`) and whether the answer opens with reasoning.
+/// `{"type": "function", "function": {...}}`, key order kept) and whether the answer opens with
+/// reasoning.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
-    pub tools: Vec<Value>,
+    pub tools: Vec<OrderedJson>,
     #[serde(default)]
     pub thinking: bool,
 }
@@ -256,7 +256,7 @@ impl ChatTemplate {
         }
     }
 
-    fn tools_section(&self, tools: &[Value]) -> Result<Option<String>, TextError> {
+    fn tools_section(&self, tools: &[OrderedJson]) -> Result<Option<String>, TextError> {
         if tools.is_empty() {
             return Ok(None);
         }

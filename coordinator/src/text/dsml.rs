@@ -5,85 +5,23 @@
 //! Python's `json.dumps(ensure_ascii=False)` writes it (`", "` and `": "` separators, non-ASCII
 //! kept), since that is what the model was trained on.
 //!
-//! Known deviations from DeepSeek's Python: the top-level keys of tool-call arguments keep their
-//! order, but keys of nested objects (and of tool schemas) come out sorted (`serde_json::Value`
-//! without `preserve_order`); float spelling follows `serde_json` (`1e20`, Python writes `1e+20`).
-
-use std::io;
-
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde_json::Value;
+//! Key order is kept everywhere ([`OrderedJson`]); float spelling follows `serde_json` (`1e20`,
+//! Python writes `1e+20`).
 
 use super::TextError;
+use super::json::OrderedJson;
 
 /// The markup's marker (plain text, not an added token).
 pub const DSML: &str = "｜DSML｜";
 
-/// Writes JSON like Python's `json.dumps` with default separators.
-#[derive(Debug, Clone, Copy)]
-struct PyFormatter;
-
-impl serde_json::ser::Formatter for PyFormatter {
-    fn begin_array_value<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
-    }
-    fn begin_object_key<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
-    }
-    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        w.write_all(b": ")
-    }
-}
-
-/// `json.dumps(value, ensure_ascii=False)`.
-pub fn py_json(value: &Value) -> String {
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
-    // Serializing a `Value` into memory cannot fail.
-    serde::Serialize::serialize(value, &mut ser).expect("serializing a JSON value into a Vec");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
-}
-
-/// A JSON object's entries in document order.
-struct OrderedObject(Vec<(String, Value)>);
-
-impl<'de> serde::Deserialize<'de> for OrderedObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OrderedObject;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedObject, A::Error> {
-                let mut entries: Vec<(String, Value)> = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                    // Python's json.loads keeps the last value of a repeated key, in the place
-                    // of the first.
-                    match entries.iter_mut().find(|(key, _)| *key == k) {
-                        Some(slot) => slot.1 = v,
-                        None => entries.push((k, v)),
-                    }
-                }
-                Ok(OrderedObject(entries))
-            }
-        }
-        d.deserialize_map(V)
-    }
+fn py_string(s: &str) -> String {
+    OrderedJson::String(s.to_string()).to_python_string()
 }
 
 /// The tools section appended to the system prompt. `schemas` are the `function` objects of the
 /// OpenAI tools. The text is the format's fixed prompt (the model was trained on it verbatim).
-pub fn render_tools(schemas: &[&Value], think_start: &str, think_end: &str) -> String {
-    let schemas: Vec<String> = schemas.iter().map(|s| py_json(s)).collect();
+pub fn render_tools(schemas: &[&OrderedJson], think_start: &str, think_end: &str) -> String {
+    let schemas: Vec<String> = schemas.iter().map(|s| s.to_python_string()).collect();
     let d = DSML;
     format!(
         "## Tools\n\n\
@@ -136,19 +74,22 @@ pub fn render_tool_calls(index: usize, calls: &[DsmlCall<'_>]) -> Result<String,
     let d = DSML;
     let mut invokes = Vec::with_capacity(calls.len());
     for call in calls {
-        let object: OrderedObject =
-            serde_json::from_str(call.arguments).map_err(|e| TextError::ToolCallArguments {
-                index,
-                name: call.name.to_string(),
-                reason: format!("not a JSON object: {e}"),
-            })?;
-        let params: Vec<String> = object
-            .0
+        let bad = |reason: String| TextError::ToolCallArguments {
+            index,
+            name: call.name.to_string(),
+            reason,
+        };
+        let entries = match serde_json::from_str::<OrderedJson>(call.arguments) {
+            Ok(OrderedJson::Object(entries)) => entries,
+            Ok(_) => return Err(bad("not a JSON object".to_string())),
+            Err(e) => return Err(bad(format!("not JSON: {e}"))),
+        };
+        let params: Vec<String> = entries
             .iter()
             .map(|(key, value)| {
                 let (is_str, text) = match value {
-                    Value::String(s) => ("true", s.clone()),
-                    other => ("false", py_json(other)),
+                    OrderedJson::String(s) => ("true", s.clone()),
+                    other => ("false", other.to_python_string()),
                 };
                 format!("<{d}parameter name=\"{key}\" string=\"{is_str}\">{text}</{d}parameter>")
             })
@@ -229,14 +170,14 @@ pub fn parse_tool_calls(text: &str) -> Result<(Vec<ParsedCall>, &str), TextError
             }
             keys.push(key);
             let json_value = if is_str {
-                py_json(&Value::String(value.to_string()))
+                py_string(value)
             } else {
-                serde_json::from_str::<Value>(value).map_err(|e| {
+                serde_json::from_str::<OrderedJson>(value).map_err(|e| {
                     malformed(format!("parameter {key:?} of {name:?} is not JSON: {e}"))
                 })?;
                 value.to_string()
             };
-            args.push(format!("{}: {json_value}", py_json(&Value::String(key.to_string()))));
+            args.push(format!("{}: {json_value}", py_string(key)));
             rest = expect(&after[close + param_close.len()..], "\n", "newline after parameter")?;
         }
         if args.is_empty() {

@@ -6,7 +6,8 @@
 //!   DeepSeek's `encoding/encoding_dsv32.py` (re-implemented, not copied);
 //! - [`completion`]: the inverse (generated text → `reasoning_content`, `content`, tool calls),
 //!   whole or streamed;
-//! - [`dsml`]: the "｜DSML｜" tool-call markup and the Python-style JSON it embeds;
+//! - [`dsml`]: the "｜DSML｜" tool-call markup;
+//! - [`json`]: order-keeping JSON written as Python's `json.dumps` writes it;
 //! - [`detok`]: incremental detokenisation (token ids → text deltas that are never a broken
 //!   character);
 //! - [`stop`]: text stop sequences that may span deltas.
@@ -19,6 +20,7 @@ pub mod chat;
 pub mod completion;
 pub mod detok;
 pub mod dsml;
+pub mod json;
 pub mod special;
 pub mod stop;
 
@@ -27,6 +29,7 @@ use std::path::Path;
 pub use chat::{ChatMessage, ChatRequest, ChatTemplate, FunctionCall, ToolCall};
 pub use completion::{ParsedCompletion, ReasoningDelta, ReasoningSplitter};
 pub use detok::{IncrementalDecoder, SpecialTokenMode};
+pub use json::OrderedJson;
 pub use special::{SpecialToken, SpecialTokens};
 pub use stop::{StopEvent, StopMatcher};
 pub use tokenizers::Tokenizer;
