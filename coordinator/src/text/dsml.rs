@@ -1,12 +1,9 @@
 //! The "｜DSML｜" tool-call markup of DeepSeek-V3.2 and the JSON it embeds.
 //!
 //! Owns: the tools section of the system prompt, rendering an assistant's tool calls as DSML,
-//! and parsing DSML tool calls back out of generated text. JSON inside prompts is written the way
-//! Python's `json.dumps(ensure_ascii=False)` writes it (`", "` and `": "` separators, non-ASCII
-//! kept), since that is what the model was trained on.
-//!
-//! Key order is kept everywhere ([`OrderedJson`]); float spelling follows `serde_json` (`1e20`,
-//! Python writes `1e+20`).
+//! and parsing DSML tool calls back out of generated text. JSON inside the markup is written by
+//! [`OrderedJson`] the way DeepSeek's Python writes it (document key order, `json.dumps`
+//! separators, non-ASCII kept), since that is what the model was trained on.
 
 use super::TextError;
 use super::json::OrderedJson;

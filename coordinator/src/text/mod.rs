@@ -15,6 +15,9 @@
 //! Does not own: the OpenAI-compatible HTTP layer (it converts its JSON into [`chat::ChatRequest`]),
 //! sampling, or scheduling. Nothing here reads the environment or holds global state; the only
 //! file access is [`load_tokenizer`].
+//!
+//! Known limitation: [`encode_prompt`] matches added-token strings anywhere in the prompt, so a
+//! user who types `<｜Assistant｜>` gets that token (DeepSeek's reference encodes the same way).
 
 pub mod chat;
 pub mod completion;
