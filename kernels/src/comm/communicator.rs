@@ -169,15 +169,13 @@ impl<L: Link> Communicator<L> {
         let peers = self.peers();
         let sends: Vec<(usize, &[u8])> =
             peers.iter().map(|&j| (j, bytemuck::cast_slice(&data[ranges[j].clone()]))).collect();
-        let mut got = self.round(op, sends, &peers)?;
+        let got = self.round(op, sends, &peers)?;
         let own = ranges[self.rank].clone();
         let want = own.len() * size_of::<T>();
+        // Parts in rank order; `None` marks this rank's own slice.
+        let mut parts: Vec<Option<&[u8]>> = vec![None; self.members.len()];
         for (&src, msg) in peers.iter().zip(&got) {
             self.expect_len(op, src, msg.len(), want)?;
-        }
-        // Parts in rank order: this rank's own slice sits at its position.
-        let mut parts: Vec<Option<Vec<u8>>> = vec![None; self.members.len()];
-        for (&src, msg) in peers.iter().zip(got.drain(..)) {
             parts[src] = Some(msg);
         }
         let mut acc = vec![0f32; own.len()];
