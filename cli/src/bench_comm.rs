@@ -31,9 +31,35 @@ pub struct Args {
     out: PathBuf,
 }
 
+/// The measured collectives.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum BenchOp {
+    AllReduce,
+    AllToAll,
+}
+
+impl BenchOp {
+    fn name(self) -> &'static str {
+        match self {
+            BenchOp::AllReduce => "all_reduce",
+            BenchOp::AllToAll => "all_to_all",
+        }
+    }
+
+    /// nccl-tests' bus-bandwidth factor for `w` ranks.
+    fn bus_factor(self, w: usize) -> f64 {
+        let w = w as f64;
+        match self {
+            BenchOp::AllReduce => 2.0 * (w - 1.0) / w,
+            BenchOp::AllToAll => (w - 1.0) / w,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Point {
-    op: &'static str,
+    op: BenchOp,
     world: usize,
     bytes: usize,
     iters: u64,
@@ -66,13 +92,13 @@ pub fn run(args: &Args) -> Result<()> {
         "op", "W", "bytes", "iters", "time/op", "algbw GB/s", "busbw GB/s"
     );
     for &w in &args.worlds {
-        let comms = loopback(w)?;
-        for op in ["all_reduce", "all_to_all"] {
+        let mut comms = loopback(w)?;
+        for op in [BenchOp::AllReduce, BenchOp::AllToAll] {
             for &bytes in &args.sizes {
-                let p = measure(&comms, op, bytes, args.seconds_per_point)?;
+                let p = measure(&mut comms, op, bytes, args.seconds_per_point)?;
                 println!(
                     "{:<12} {:>2} {:>10} {:>6} {:>9.1} µs {:>11.3} {:>11.3}",
-                    p.op,
+                    p.op.name(),
                     p.world,
                     p.bytes,
                     p.iters,
@@ -100,11 +126,11 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// `w` TcpComms over 127.0.0.1, built concurrently (rank 0 hosts the rendezvous).
-fn loopback(w: usize) -> Result<Vec<std::sync::Mutex<TcpComm>>> {
+fn loopback(w: usize) -> Result<Vec<TcpComm>> {
     let opts = CommOptions::default();
     let rv = TcpRendezvous::bind("127.0.0.1:0")?;
     let addr = rv.local_addr()?.to_string();
-    let comms = std::thread::scope(|s| -> Result<Vec<TcpComm>> {
+    std::thread::scope(|s| -> Result<Vec<TcpComm>> {
         let joins: Vec<_> = (1..w)
             .map(|r| {
                 let a = &addr;
@@ -116,32 +142,24 @@ fn loopback(w: usize) -> Result<Vec<std::sync::Mutex<TcpComm>>> {
             all.push(j.join().map_err(|_| anyhow::anyhow!("rank thread panicked"))??);
         }
         Ok(all)
-    })?;
-    Ok(comms.into_iter().map(std::sync::Mutex::new).collect())
+    })
 }
 
-fn measure(
-    comms: &[std::sync::Mutex<TcpComm>],
-    op: &'static str,
-    bytes: usize,
-    seconds: f64,
-) -> Result<Point> {
+fn measure(comms: &mut [TcpComm], op: BenchOp, bytes: usize, seconds: f64) -> Result<Point> {
     let w = comms.len();
     let per_rank: Vec<Result<(u64, f64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
-            .iter()
+            .iter_mut()
             .map(|c| {
                 s.spawn(move || -> Result<(u64, f64)> {
-                    let mut c = c.lock().map_err(|_| anyhow::anyhow!("comm lock poisoned"))?;
-                    let c: &mut TcpComm = &mut c;
                     let mut f = vec![1.0f32; bytes / 4];
                     let counts = vec![bytes / w; w];
                     let send = vec![7u8; bytes / w * w];
                     let mut recv = Vec::new();
                     let mut once = |c: &mut TcpComm| -> Result<()> {
                         match op {
-                            "all_reduce" => c.all_reduce_sum_f32(&mut f)?,
-                            _ => {
+                            BenchOp::AllReduce => c.all_reduce_sum_f32(&mut f)?,
+                            BenchOp::AllToAll => {
                                 c.all_to_all_v(&send, &counts, &mut recv)?;
                             }
                         }
@@ -171,15 +189,12 @@ fn measure(
     let mut iters = 0;
     let mut worst = 0f64;
     for r in per_rank {
-        let (i, t) = r.with_context(|| format!("{op} W={w} {bytes} B"))?;
+        let (i, t) = r.with_context(|| format!("{} W={w} {bytes} B", op.name()))?;
         iters = i;
         worst = worst.max(t);
     }
     let algbw = bytes as f64 / worst / 1e9;
-    let factor = match op {
-        "all_reduce" => 2.0 * (w as f64 - 1.0) / w as f64,
-        _ => (w as f64 - 1.0) / w as f64,
-    };
+    let factor = op.bus_factor(w);
     Ok(Point {
         op,
         world: w,
