@@ -3,6 +3,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod generate;
+
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
 #[command(name = "fathom", version, about, long_about = None)]
@@ -15,11 +18,34 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// One-shot generation (CLI.md).
+    Generate(generate::GenerateArgs),
+    /// Benchmarks; records worth keeping go to docs/perf/.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Prints an error as one line on stderr and exits non-zero.
+fn exit_on_error(r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        // The chain on one line, skipping causes the message above already quotes.
+        let mut line = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !line.contains(&c) {
+                line = format!("{line}: {c}");
+            }
+        }
+        eprintln!("fathom: error: {line}");
+        std::process::exit(1);
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
+        Command::Generate(args) => exit_on_error(generate::run(args)),
+        Command::Bench(cmd) => exit_on_error(bench::run(cmd)),
     }
 }
