@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod checkpoint;
+
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
 #[command(name = "fathom", version, about, long_about = None)]
@@ -15,11 +17,39 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// Synthesize or inspect checkpoints.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors: one line on stderr (CLI.md); --help and --version print as usual.
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("fathom: {}", line.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Version => {
+            println!("fathom {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Checkpoint(args) => checkpoint::run(args),
+    };
+    if let Err(e) = result {
+        // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are
+        // not repeated.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1).map(|c| c.to_string()) {
+            if !msg.contains(&cause) {
+                msg = format!("{msg}: {cause}");
+            }
+        }
+        eprintln!("fathom: {}", msg.replace('\n', " "));
+        std::process::exit(1);
     }
 }

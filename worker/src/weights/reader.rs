@@ -149,7 +149,10 @@ impl CheckpointReader {
         for (si, f) in files.iter().enumerate() {
             let mmap = map_file(dir, f)?;
             let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                err_file(f, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+                err_file(
+                    &dir.join(f).display().to_string(),
+                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                )
             })?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
