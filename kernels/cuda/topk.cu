@@ -1,0 +1,108 @@
+// Top-k over rows (indexer keys), exact, with the Fathom tie rule (KERNELS.md §4.1; CPU twin
+// kernels/src/cpu/topk.rs::topk_indices): larger score first, -0.0 == +0.0, NaN below -inf, equal
+// scores -> lower position first; exactly min(k, len) indices out, ascending by position, then -1.
+//
+// Radix select over order-preserving 32-bit keys, 4 passes of 8 bits: each pass histograms the
+// next digit of the keys that match the prefix found so far and picks the digit holding the
+// k-th largest. The result is the exact k-th key T and `need`, how many keys equal to T to take
+// (the lowest positions). A final ordered pass emits key > T, and key == T while fewer than `need`
+// equal keys came before (one packed block scan per 1024 positions), so output is ascending.
+// Launch: grid = rows, block = 1024.
+
+#define TK_THREADS 1024
+
+__device__ __forceinline__ u32 tk_key(float v) {
+    u32 u = __float_as_uint(v);
+    if (isnan(v)) return 0u;               // below -inf (whose key is 0x007fffff)
+    if (u == 0x80000000u) u = 0u;          // -0.0 -> +0.0
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Inclusive block scan of v over TK_THREADS threads; returns inclusive value, *total the sum.
+__device__ __forceinline__ u32 tk_block_scan(u32 v, u32* sh /* [33] */, u32* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    __syncthreads();
+    if (lane == 31) sh[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = sh[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        sh[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    *total = sh[31];
+    return v + (warp > 0 ? sh[warp - 1] : 0u);
+}
+
+extern "C" __global__ void __launch_bounds__(TK_THREADS)
+topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
+              const int* __restrict__ lens,      // [rows]: valid keys of each row (clamped)
+              int* __restrict__ out,             // [rows, k]
+              int stride, int k) {
+    __shared__ u32 hist[256];
+    __shared__ u32 sh[33];
+    __shared__ u32 s_digit, s_above;
+    const float* row = scores + (size_t)blockIdx.x * stride;
+    int* o = out + (size_t)blockIdx.x * k;
+    int len = lens[blockIdx.x];
+    len = len < 0 ? 0 : (len > stride ? stride : len);
+    if (len <= k) {
+        for (int i = threadIdx.x; i < k; i += blockDim.x) o[i] = i < len ? i : -1;
+        return;
+    }
+    u32 prefix = 0, mask = 0, need = (u32)k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            const u32 key = tk_key(row[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        // Suffix sums over digits (descending): thread r < 256 holds digit 255 - r.
+        u32 c = threadIdx.x < 256 ? hist[255 - threadIdx.x] : 0u;
+        u32 tot;
+        const u32 incl = tk_block_scan(c, sh, &tot);  // count of digits >= 255 - r
+        if (threadIdx.x < 256) {
+            const u32 above = incl - c;               // count of digits > 255 - r
+            if (above < need && need <= incl) { s_digit = 255u - threadIdx.x; s_above = above; }
+        }
+        __syncthreads();
+        prefix |= s_digit << shift;
+        mask |= 255u << shift;
+        need -= s_above;
+        __syncthreads();
+    }
+    const u32 T = prefix;
+    // Ordered emission. Scan value packs (gt count) << 16 | (eq count); <= 1024 each per chunk.
+    u32 eq_base = 0, out_base = 0;
+    for (int base = 0; base < len; base += TK_THREADS) {
+        const int i = base + threadIdx.x;
+        u32 key = 0;
+        bool gt = false, eq = false;
+        if (i < len) {
+            key = tk_key(row[i]);
+            gt = key > T;
+            eq = key == T;
+        }
+        const u32 v = ((u32)gt << 16) | (u32)eq;
+        u32 tot;
+        const u32 incl = tk_block_scan(v, sh, &tot);
+        const u32 ex = incl - v;
+        const u32 gt_before = ex >> 16, eq_before = eq_base + (ex & 0xffffu);
+        const u32 sel_eq_before = min(eq_before, need) - min(eq_base, need);
+        if (gt || (eq && eq_before < need)) o[out_base + gt_before + sel_eq_before] = i;
+        const u32 eq_tot = eq_base + (tot & 0xffffu);
+        out_base += (tot >> 16) + (min(eq_tot, need) - min(eq_base, need));
+        eq_base = eq_tot;
+    }
+}
