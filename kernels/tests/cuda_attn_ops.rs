@@ -11,7 +11,8 @@ use fathom_kernels::cuda::{BlasGemm, MlaDecodeShape, MoeScratch, MoeShape, moe_e
 use half::bf16;
 
 fn topk_ref(scores: &[f32], len: usize, k: usize) -> Vec<i32> {
-    let mut v: Vec<i32> = cpu::topk::topk_indices(&scores[..len], k).iter().map(|&i| i as i32).collect();
+    let mut v: Vec<i32> =
+        cpu::topk::topk_indices(&scores[..len], k).iter().map(|&i| i as i32).collect();
     v.resize(k, -1);
     v
 }
@@ -45,7 +46,11 @@ fn topk_matches_cpu_exactly_with_many_ties() {
                 0 => rng.uniform(-5.0, 5.0),
                 1 => {
                     let x = (rng.uniform(-3.0, 3.0)).round() * 0.5;
-                    if x == 0.0 && i % 2 == 1 { -0.0 } else { x.max(0.0) - if i % 7 == 0 { 1.0 } else { 0.0 } }
+                    if x == 0.0 && i % 2 == 1 {
+                        -0.0
+                    } else {
+                        x.max(0.0) - if i % 7 == 0 { 1.0 } else { 0.0 }
+                    }
                 }
                 2 => 0.25,
                 _ => match i % 997 {
@@ -69,8 +74,12 @@ fn topk_matches_cpu_exactly_with_many_ties() {
         let want = topk_ref(&scores[r * stride..(r + 1) * stride], len, k);
         let g = &got[r * k..(r + 1) * k];
         let diff = g.iter().zip(&want).position(|(a, b)| a != b);
-        assert!(diff.is_none(), "row {r} (len {len}, kind {kind}): first mismatch at {diff:?}: got {:?} want {:?}",
-            diff.map(|i| g[i]), diff.map(|i| want[i]));
+        assert!(
+            diff.is_none(),
+            "row {r} (len {len}, kind {kind}): first mismatch at {diff:?}: got {:?} want {:?}",
+            diff.map(|i| g[i]),
+            diff.map(|i| want[i])
+        );
     }
     eprintln!("err topk: exact on {} rows (ties, ±0.0, NaN, ±inf, len 0..163840)", rows.len());
     assert!(dev.ops().topk_rows_f32(&sd, &ld, &mut od, rows.len(), stride, k + 1).is_err());
@@ -86,9 +95,16 @@ fn indexer_scores_match_cpu() {
         let q = rng.bf16_vec(batch * heads * dim, 1.0);
         let w: Vec<f32> = (0..batch * heads).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let keys = rng.bf16_vec(batch * max_ctx * dim, 1.0);
-        let (qd, wd, kd, ld) = (dev.upload(&q).unwrap(), dev.upload(&w).unwrap(), dev.upload(&keys).unwrap(), dev.upload(&lens).unwrap());
+        let (qd, wd, kd, ld) = (
+            dev.upload(&q).unwrap(),
+            dev.upload(&w).unwrap(),
+            dev.upload(&keys).unwrap(),
+            dev.upload(&lens).unwrap(),
+        );
         let mut od = dev.upload(&vec![f32::NAN; batch * max_ctx]).unwrap();
-        dev.ops().indexer_scores_bf16(&qd, &wd, &kd, &ld, &mut od, batch, heads, dim, max_ctx).unwrap();
+        dev.ops()
+            .indexer_scores_bf16(&qd, &wd, &kd, &ld, &mut od, batch, heads, dim, max_ctx)
+            .unwrap();
         let got = dev.download(&od).unwrap();
         let (qf, kf) = (to_f32(&q), to_f32(&keys));
         let mut emax = 0f32;
@@ -122,7 +138,8 @@ fn sparse_mla_decode_matches_cpu_with_invalid_slots() {
     let width = s.kv_lora + s.rope;
     let q = rng.bf16_vec(s.batch * s.heads * width, 1.0);
     let kv = rng.bf16_vec(s.n_rows * width, 1.0);
-    let mut idx: Vec<i32> = (0..s.batch * s.topk).map(|_| (rng.next_u64() % s.n_rows as u64) as i32).collect();
+    let mut idx: Vec<i32> =
+        (0..s.batch * s.topk).map(|_| (rng.next_u64() % s.n_rows as u64) as i32).collect();
     for j in (0..s.topk).step_by(7) {
         idx[j] = -1; // invalid slots in row 0
     }
@@ -148,24 +165,36 @@ fn sparse_mla_decode_matches_cpu_with_invalid_slots() {
             &mut want[b * s.heads * s.kv_lora..(b + 1) * s.heads * s.kv_lora],
         );
     }
-    let (qd, kvd, id) = (dev.upload(&q).unwrap(), dev.upload(&kv).unwrap(), dev.upload(&idx).unwrap());
+    let (qd, kvd, id) =
+        (dev.upload(&q).unwrap(), dev.upload(&kv).unwrap(), dev.upload(&idx).unwrap());
     for splits in [1usize, 4, s.default_splits(132)] {
         let (wo, wml) = s.workspace_len(splits);
         let mut ws_o = dev.upload(&vec![f32::NAN; wo.max(1)]).unwrap();
         let mut ws_ml = dev.upload(&vec![f32::NAN; wml.max(1)]).unwrap();
         let mut od = dev.upload(&vec![bf16::NAN; s.batch * s.heads * s.kv_lora]).unwrap();
-        dev.ops().mla_sparse_decode_bf16(&qd, &kvd, &id, &mut od, &mut ws_o, &mut ws_ml, &s, scale, splits).unwrap();
+        dev.ops()
+            .mla_sparse_decode_bf16(
+                &qd, &kvd, &id, &mut od, &mut ws_o, &mut ws_ml, &s, scale, splits,
+            )
+            .unwrap();
         let got = to_f32(&dev.download(&od).unwrap());
         let n2 = 2 * s.heads * s.kv_lora;
         let e = rel_err(&got[..n2], &want[..n2]);
         eprintln!("err mla_sparse_decode_bf16 splits={splits}: rel {e:.2e}");
         assert!(e < 1e-2, "splits {splits}: rel err {e}");
-        assert!(got[n2..].iter().all(|&v| v == 0.0), "a row without valid keys must be zeros (splits {splits})");
+        assert!(
+            got[n2..].iter().all(|&v| v == 0.0),
+            "a row without valid keys must be zeros (splits {splits})"
+        );
     }
     let bad = MlaDecodeShape { heads: 24, ..s };
     let mut od = dev.upload(&vec![bf16::ZERO; 1]).unwrap();
     let (mut a, mut b2) = (dev.upload(&[0f32]).unwrap(), dev.upload(&[0f32]).unwrap());
-    assert!(dev.ops().mla_sparse_decode_bf16(&qd, &kvd, &id, &mut od, &mut a, &mut b2, &bad, scale, 1).is_err());
+    assert!(
+        dev.ops()
+            .mla_sparse_decode_bf16(&qd, &kvd, &id, &mut od, &mut a, &mut b2, &bad, scale, 1)
+            .is_err()
+    );
 }
 
 #[test]
@@ -200,7 +229,13 @@ fn routed_experts_match_cpu() {
                 continue;
             }
             let e = e as usize;
-            let gu = cpu::gemm::matmul_t(&xf[t * d..(t + 1) * d], &w13f[e * 2 * i * d..(e + 1) * 2 * i * d], 1, 2 * i, d);
+            let gu = cpu::gemm::matmul_t(
+                &xf[t * d..(t + 1) * d],
+                &w13f[e * 2 * i * d..(e + 1) * 2 * i * d],
+                1,
+                2 * i,
+                d,
+            );
             let mut act = vec![0f32; i];
             cpu::activation::silu_mul(&gu[..i], &gu[i..], &mut act);
             let y = cpu::gemm::matmul_t(&act, &w2f[e * d * i..(e + 1) * d * i], 1, d, i);
@@ -211,7 +246,8 @@ fn routed_experts_match_cpu() {
     }
     let blas = BlasGemm::new(&dev).unwrap();
     let mut scratch = MoeScratch::new(&dev, s.tokens * s.top_k, &s).unwrap();
-    let (xd, idd, wd) = (dev.upload(&x).unwrap(), dev.upload(&ids).unwrap(), dev.upload(&w).unwrap());
+    let (xd, idd, wd) =
+        (dev.upload(&x).unwrap(), dev.upload(&ids).unwrap(), dev.upload(&w).unwrap());
     let (w13d, w2d) = (dev.upload(&w13).unwrap(), dev.upload(&w2).unwrap());
     let mut od = dev.upload(&vec![bf16::NAN; s.tokens * d]).unwrap();
     moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &s).unwrap();
@@ -225,5 +261,8 @@ fn routed_experts_match_cpu() {
     let pair_row = dev.download(&scratch.pair_row).unwrap();
     assert_eq!(pair_row[5], -1);
     let big = MoeShape { tokens: s.tokens + 1, ..s };
-    assert!(moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &big).is_err());
+    assert!(
+        moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &big)
+            .is_err()
+    );
 }

@@ -19,7 +19,13 @@ fn max_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| if x.is_finite() && y.is_finite() { (x - y).abs() / y.abs().max(1.0) } else { f32::INFINITY })
+        .map(|(x, y)| {
+            if x.is_finite() && y.is_finite() {
+                (x - y).abs() / y.abs().max(1.0)
+            } else {
+                f32::INFINITY
+            }
+        })
         .fold(0.0, f32::max)
 }
 
@@ -36,7 +42,9 @@ fn embedding_gather_matches_cpu_and_counts_bad_ids() {
         let idd = dev.upload(&ids).unwrap();
         let mut od = dev.upload(&vec![bf16::NAN; ids.len() * dim]).unwrap();
         let mut bad = dev.upload(&[0i32]).unwrap();
-        dev.ops().embedding_gather_bf16(&td, &idd, &mut od, &mut bad, ids.len(), dim, vocab).unwrap();
+        dev.ops()
+            .embedding_gather_bf16(&td, &idd, &mut od, &mut bad, ids.len(), dim, vocab)
+            .unwrap();
         let o = dev.download(&od).unwrap();
         assert_eq!(dev.download(&bad).unwrap()[0], 2, "bad ids counted");
         for (i, &id) in ids.iter().enumerate() {
@@ -47,7 +55,15 @@ fn embedding_gather_matches_cpu_and_counts_bad_ids() {
                 assert_eq!(row, &table[id as usize * dim..(id as usize + 1) * dim], "row {i}");
             }
         }
-        let err = dev.ops().embedding_gather_bf16(&td, &idd, &mut od, &mut bad, ids.len(), dim + 1, vocab);
+        let err = dev.ops().embedding_gather_bf16(
+            &td,
+            &idd,
+            &mut od,
+            &mut bad,
+            ids.len(),
+            dim + 1,
+            vocab,
+        );
         assert!(err.is_err(), "wrong dim must be a shape error");
     }
 }
@@ -59,10 +75,15 @@ fn layernorm_matches_cpu() {
     for &(rows, dim) in &[(7usize, 128usize), (3, 7168), (2, 100)] {
         let x = rng.bf16_vec(rows * dim, 3.0);
         // A per-row offset makes the mean matter.
-        let x: Vec<bf16> = x.iter().enumerate().map(|(i, v)| bf16::from_f32(v.to_f32() + (i / dim) as f32)).collect();
+        let x: Vec<bf16> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| bf16::from_f32(v.to_f32() + (i / dim) as f32))
+            .collect();
         let w: Vec<f32> = (0..dim).map(|_| rng.uniform(0.5, 1.5)).collect();
         let b: Vec<f32> = (0..dim).map(|_| rng.uniform(-0.5, 0.5)).collect();
-        let (xd, wd, bd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
+        let (xd, wd, bd) =
+            (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&b).unwrap());
         let mut yd = dev.upload(&vec![bf16::NAN; rows * dim]).unwrap();
         dev.ops().layernorm_bf16(&xd, &wd, &bd, &mut yd, rows, dim, 1e-6).unwrap();
         let y = to_f32(&dev.download(&yd).unwrap());
@@ -104,8 +125,12 @@ fn rope_matches_cpu_in_both_layouts_at_long_positions() {
         let x: Vec<f32> = (0..t * heads * head_dim).map(|_| rng.uniform(-2.0, 2.0)).collect();
         let mut want = x.clone();
         match layout {
-            RopeLayout::Interleaved => cpu::rope::rope_interleaved(&mut want, t, heads, head_dim, offset, &cos, &sin),
-            RopeLayout::HalfSplit => cpu::rope::rope_half_split(&mut want, t, heads, head_dim, offset, &cos, &sin),
+            RopeLayout::Interleaved => {
+                cpu::rope::rope_interleaved(&mut want, t, heads, head_dim, offset, &cos, &sin)
+            }
+            RopeLayout::HalfSplit => {
+                cpu::rope::rope_half_split(&mut want, t, heads, head_dim, offset, &cos, &sin)
+            }
         }
         let shape = RopeShape { tokens: t, heads, head_dim, offset };
         let (pd, fd) = (dev.upload(&pos_i).unwrap(), dev.upload(&f).unwrap());
@@ -118,8 +143,12 @@ fn rope_matches_cpu_in_both_layouts_at_long_positions() {
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut wantb = to_f32(&xb);
         match layout {
-            RopeLayout::Interleaved => cpu::rope::rope_interleaved(&mut wantb, t, heads, head_dim, offset, &cos, &sin),
-            RopeLayout::HalfSplit => cpu::rope::rope_half_split(&mut wantb, t, heads, head_dim, offset, &cos, &sin),
+            RopeLayout::Interleaved => {
+                cpu::rope::rope_interleaved(&mut wantb, t, heads, head_dim, offset, &cos, &sin)
+            }
+            RopeLayout::HalfSplit => {
+                cpu::rope::rope_half_split(&mut wantb, t, heads, head_dim, offset, &cos, &sin)
+            }
         }
         let mut xbd = dev.upload(&xb).unwrap();
         dev.ops().rope_bf16(&mut xbd, &pd, &fd, shape, 1.0, layout).unwrap();
@@ -229,7 +258,14 @@ fn router_matches_cpu_including_ties() {
         norm_topk_prob: true,
     };
     let tiny = RouterParams { n_experts: 16, n_group: 4, topk_group: 2, top_k: 4, ..full };
-    let small = RouterParams { n_experts: 32, n_group: 8, topk_group: 4, top_k: 4, norm_topk_prob: false, ..full };
+    let small = RouterParams {
+        n_experts: 32,
+        n_group: 8,
+        topk_group: 4,
+        top_k: 4,
+        norm_topk_prob: false,
+        ..full
+    };
     for p in [full, tiny, small] {
         for quantized in [false, true] {
             let tokens = 67;
@@ -259,7 +295,8 @@ fn router_matches_cpu_including_ties() {
         }
     }
     let bad = RouterParams { top_k: 33, ..full };
-    let (ld, bd) = (dev.upload(&vec![0.5f32; 256]).unwrap(), dev.upload(&vec![0.0f32; 256]).unwrap());
+    let (ld, bd) =
+        (dev.upload(&vec![0.5f32; 256]).unwrap(), dev.upload(&vec![0.0f32; 256]).unwrap());
     let mut idd = dev.upload(&vec![0i32; 33]).unwrap();
     let mut wd = dev.upload(&vec![0f32; 33]).unwrap();
     assert!(dev.ops().router_select(&ld, &bd, &mut idd, &mut wd, 1, &bad).is_err());

@@ -37,7 +37,12 @@ pub struct Ops {
     model: HashMap<&'static str, CudaFunction>,
 }
 
-pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &str,
+    got: usize,
+    want: usize,
+) -> Result<(), CudaError> {
     if got != want {
         return Err(CudaError::shape(op, format!("{what} has {got} elements, expected {want}")));
     }

@@ -69,7 +69,10 @@ impl Ops {
         {
             return Err(CudaError::shape(
                 OP,
-                format!("kv_lora {} + rope {}: need even kv_lora ≤ 512, even width ≤ 576", s.kv_lora, s.rope),
+                format!(
+                    "kv_lora {} + rope {}: need even kv_lora ≤ 512, even width ≤ 576",
+                    s.kv_lora, s.rope
+                ),
             ));
         }
         if s.heads == 0 || s.heads % 16 != 0 {

@@ -202,13 +202,15 @@ impl Ops {
         if rows * cols == 0 {
             return Ok(());
         }
-        let (gs, us, os) = (to_i32(op, "stride", gs)?, to_i32(op, "stride", us)?, to_i32(op, "cols", cols)?);
+        let (gs, us, os) =
+            (to_i32(op, "stride", gs)?, to_i32(op, "stride", us)?, to_i32(op, "cols", cols)?);
         let (rows_i, cols_i) = (to_i32(op, "rows", rows)?, os);
         let mut b = self.stream().launch_builder(self.model_fn(op)?);
         b.arg(gate).arg(&gs).arg(up).arg(&us).arg(out).arg(&os).arg(&rows_i).arg(&cols_i);
         // SAFETY: matches `silu_mul_bf16`/`silu_mul_f32`; the public wrappers checked that gate
         // and up hold rows rows of their stride covering cols columns, and out rows × cols.
-        unsafe { b.launch(grid_stride(rows * cols)) }.map_err(CudaError::driver("launch silu_mul"))?;
+        unsafe { b.launch(grid_stride(rows * cols)) }
+            .map_err(CudaError::driver("launch silu_mul"))?;
         Ok(())
     }
 
@@ -310,11 +312,19 @@ impl Ops {
         if e == 0 || e > 256 || p.n_group == 0 || p.n_group > 32 || e % p.n_group != 0 {
             return Err(CudaError::shape(
                 OP,
-                format!("{e} experts in {} groups: need ≤ 256 experts, ≤ 32 groups dividing them", p.n_group),
+                format!(
+                    "{e} experts in {} groups: need ≤ 256 experts, ≤ 32 groups dividing them",
+                    p.n_group
+                ),
             ));
         }
         let kept = p.topk_group * (e / p.n_group);
-        if p.topk_group == 0 || p.topk_group > p.n_group || p.top_k == 0 || p.top_k > 32 || p.top_k > kept {
+        if p.topk_group == 0
+            || p.topk_group > p.n_group
+            || p.top_k == 0
+            || p.top_k > 32
+            || p.top_k > kept
+        {
             return Err(CudaError::shape(
                 OP,
                 format!(

@@ -98,7 +98,10 @@ pub fn moe_experts_bf16(
         return Err(CudaError::shape(OP, format!("n_experts {e} not in 1..=1024")));
     }
     if d == 0 || d % 8 != 0 || i == 0 {
-        return Err(CudaError::shape(OP, format!("dim {d} must be a positive multiple of 8, inter {i} > 0")));
+        return Err(CudaError::shape(
+            OP,
+            format!("dim {d} must be a positive multiple of 8, inter {i} > 0"),
+        ));
     }
     if (scratch.n_experts, scratch.dim, scratch.inter) != (e, d, i) || scratch.max_pairs < pairs {
         return Err(CudaError::shape(
@@ -181,6 +184,7 @@ pub fn moe_experts_bf16(
     b.arg(&sc.y_perm).arg(&sc.pair_row).arg(weights).arg(out).arg(&k_i).arg(&d_i);
     // SAFETY: matches `moe_combine_bf16`; pair_row entries are −1 or rows < rows_used that the
     // down GEMMs wrote; weights/pair_row hold tokens × top_k, out tokens × dim.
-    unsafe { b.launch(cfg(s.tokens, 256)) }.map_err(CudaError::driver("launch moe_combine_bf16"))?;
+    unsafe { b.launch(cfg(s.tokens, 256)) }
+        .map_err(CudaError::driver("launch moe_combine_bf16"))?;
     Ok(())
 }
