@@ -160,3 +160,158 @@ extern "C" __global__ void mla_combine(const float* __restrict__ ws_o, const flo
         out[((size_t)b * heads + h) * kv_lora + c] = f32_to_bf16(a * inv);
     }
 }
+
+// Tensor-core version (default): same math, grid and workspace as above, bf16 MMA
+// (mma.sync m16n8k16, fp32 accumulate). CTA = 4 warps for 16 heads; per tile of 16 keys:
+// QK as [16 heads x width] . [width x 16 keys] with the K dimension split over the 4 warps
+// (partials summed through shared memory), online softmax by 16 threads (one per head; P rounded
+// to bf16 for the PV MMA, the row sums kept in fp32), PV as [16 heads x 16 keys] . [16 keys x
+// kv_lora] with each warp owning kv_lora / 4 output columns (<= 16 n-tiles, 64 fp32 registers).
+// Limits (wrapper-checked): width % 16 == 0, kv_lora % 32 == 0, kv_lora <= 512, width <= 576.
+// Launch: grid = (heads / 16, batch, splits), block = 128.
+
+#define MM_W 292  // u32 words per padded row (576 / 2 + 4): conflict-free fragment loads
+#define MM_PW 12  // u32 words per padded P row (16 keys / 2 + 4)
+
+__device__ __forceinline__ void mm_mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+mla_sparse_decode_mma_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kv,
+                           const int* __restrict__ idx, bf16_t* __restrict__ out,
+                           float* __restrict__ ws_o, float* __restrict__ ws_ml, int heads,
+                           int kv_lora, int rope, int topk, int n_rows, float scale) {
+    __shared__ __align__(16) u32 qs[MLA_HG * MM_W];
+    __shared__ __align__(16) u32 ks[MLA_TILE * MM_W];
+    __shared__ float part[4][MLA_HG][MLA_TILE];
+    __shared__ u32 ps[MLA_HG * MM_PW];
+    __shared__ float alpha_s[MLA_HG], m_s[MLA_HG], l_s[MLA_HG];
+    __shared__ int rows_s[MLA_TILE];
+    const int width = kv_lora + rope, w16 = width / 8;  // 16-byte chunks per row
+    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    {
+        const uint4* qg = reinterpret_cast<const uint4*>(q + ((size_t)b * heads + hg * MLA_HG) * width);
+        for (int e = tid; e < MLA_HG * w16; e += 128)
+            reinterpret_cast<uint4*>(qs + (e / w16) * MM_W)[e % w16] = qg[e];
+    }
+    if (tid < MLA_HG) { m_s[tid] = -1e30f; l_s[tid] = 0.0f; }
+    const int per = (topk + splits - 1) / splits;
+    const int j0 = split * per, j1 = min(topk, j0 + per);
+    const int* ib = idx + (size_t)b * topk;
+    const int nk = width / 16;              // QK k-tiles
+    const int cols = kv_lora / 4;           // PV columns of this warp
+    const int ntw = cols / 8;               // PV n-tiles of this warp (<= 16)
+    const int cbase = warp * cols;
+    float acc[16][4];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) { acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f; }
+    const unsigned short* ks16 = reinterpret_cast<const unsigned short*>(ks);
+    for (int t0 = j0; t0 < j1; t0 += MLA_TILE) {
+        __syncthreads();
+        if (tid < MLA_TILE) {
+            const int j = t0 + tid;
+            const int r = j < j1 ? ib[j] : -1;
+            rows_s[tid] = (r >= 0 && r < n_rows) ? r : -1;
+        }
+        __syncthreads();
+        for (int e = tid; e < MLA_TILE * w16; e += 128) {
+            const int kr = e / w16, c = e % w16;
+            const int r = rows_s[kr];
+            reinterpret_cast<uint4*>(ks + kr * MM_W)[c] =
+                r >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv + (size_t)r * width) + c) : make_uint4(0, 0, 0, 0);
+        }
+        __syncthreads();
+        // QK partials over this warp's k-tiles (kt = warp, warp + 4, ...).
+        float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int kt = warp; kt < nk; kt += 4) {
+            const int o = kt * 8 + tq;
+            const u32 a0 = qs[g * MM_W + o], a1 = qs[(g + 8) * MM_W + o];
+            const u32 a2 = qs[g * MM_W + o + 4], a3 = qs[(g + 8) * MM_W + o + 4];
+            mm_mma(c0, a0, a1, a2, a3, ks[g * MM_W + o], ks[g * MM_W + o + 4]);
+            mm_mma(c1, a0, a1, a2, a3, ks[(8 + g) * MM_W + o], ks[(8 + g) * MM_W + o + 4]);
+        }
+        part[warp][g][2 * tq] = c0[0];
+        part[warp][g][2 * tq + 1] = c0[1];
+        part[warp][g + 8][2 * tq] = c0[2];
+        part[warp][g + 8][2 * tq + 1] = c0[3];
+        part[warp][g][8 + 2 * tq] = c1[0];
+        part[warp][g][8 + 2 * tq + 1] = c1[1];
+        part[warp][g + 8][8 + 2 * tq] = c1[2];
+        part[warp][g + 8][8 + 2 * tq + 1] = c1[3];
+        __syncthreads();
+        if (tid < MLA_HG) {
+            const int h = tid;
+            float lg[MLA_TILE];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < MLA_TILE; ++j) {
+                const float v = rows_s[j] >= 0
+                    ? scale * (part[0][h][j] + part[1][h][j] + part[2][h][j] + part[3][h][j])
+                    : -INFINITY;
+                lg[j] = v;
+                mx = fmaxf(mx, v);
+            }
+            const float m_old = m_s[h];
+            const float m_new = fmaxf(m_old, mx);
+            const float alpha = expf(m_old - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < MLA_TILE; j += 2) {
+                const float p0 = lg[j] == -INFINITY ? 0.0f : expf(lg[j] - m_new);
+                const float p1 = lg[j + 1] == -INFINITY ? 0.0f : expf(lg[j + 1] - m_new);
+                sum += p0 + p1;
+                ps[h * MM_PW + j / 2] = (u32)f32_to_bf16(p0) | ((u32)f32_to_bf16(p1) << 16);
+            }
+            m_s[h] = m_new;
+            l_s[h] = l_s[h] * alpha + sum;
+            alpha_s[h] = alpha;
+        }
+        __syncthreads();
+        // PV.
+        const float al0 = alpha_s[g], al1 = alpha_s[g + 8];
+        const u32 a0 = ps[g * MM_PW + tq], a1 = ps[(g + 8) * MM_PW + tq];
+        const u32 a2 = ps[g * MM_PW + 4 + tq], a3 = ps[(g + 8) * MM_PW + 4 + tq];
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt) {
+            if (nt < ntw) {
+                acc[nt][0] *= al0; acc[nt][1] *= al0; acc[nt][2] *= al1; acc[nt][3] *= al1;
+                const int c = cbase + nt * 8 + g;
+                const u32 b0 = (u32)ks16[(2 * tq) * 2 * MM_W + c] | ((u32)ks16[(2 * tq + 1) * 2 * MM_W + c] << 16);
+                const u32 b1 = (u32)ks16[(2 * tq + 8) * 2 * MM_W + c] | ((u32)ks16[(2 * tq + 9) * 2 * MM_W + c] << 16);
+                mm_mma(acc[nt], a0, a1, a2, a3, b0, b1);
+            }
+        }
+    }
+    __syncthreads();
+    const float l0 = l_s[g], l1 = l_s[g + 8];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+        if (nt < ntw) {
+            const int c = cbase + nt * 8 + 2 * tq;
+            const int h0 = hg * MLA_HG + g, h1 = h0 + 8;
+            if (splits == 1) {
+                const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+                *reinterpret_cast<u32*>(out + ((size_t)b * heads + h0) * kv_lora + c) =
+                    (u32)f32_to_bf16(acc[nt][0] * i0) | ((u32)f32_to_bf16(acc[nt][1] * i0) << 16);
+                *reinterpret_cast<u32*>(out + ((size_t)b * heads + h1) * kv_lora + c) =
+                    (u32)f32_to_bf16(acc[nt][2] * i1) | ((u32)f32_to_bf16(acc[nt][3] * i1) << 16);
+            } else {
+                const size_t row0 = ((size_t)b * splits + split) * heads + h0, row1 = row0 + 8;
+                *reinterpret_cast<float2*>(ws_o + row0 * kv_lora + c) = make_float2(acc[nt][0], acc[nt][1]);
+                *reinterpret_cast<float2*>(ws_o + row1 * kv_lora + c) = make_float2(acc[nt][2], acc[nt][3]);
+            }
+        }
+    }
+    if (splits > 1 && tid < MLA_HG) {
+        const size_t row = ((size_t)b * splits + split) * heads + hg * MLA_HG + tid;
+        ws_ml[2 * row] = m_s[tid];
+        ws_ml[2 * row + 1] = l_s[tid];
+    }
+}

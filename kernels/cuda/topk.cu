@@ -63,9 +63,25 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < len; i += blockDim.x) {
-            const u32 key = tk_key(row[i]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        // Warp-uniform loop (full-mask match_any), 4 loads in flight per thread; lanes with
+        // the same digit add once (the leading digits of real scores are few: without this
+        // aggregation the shared-memory atomics serialise).
+        for (int b0 = 0; b0 < len; b0 += 4 * TK_THREADS) {
+            u32 keys[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = b0 + u * TK_THREADS + threadIdx.x;
+                keys[u] = i < len ? tk_key(row[i]) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = b0 + u * TK_THREADS + threadIdx.x;
+                const u32 key = keys[u];
+                const u32 d = (i < len && (key & mask) == prefix) ? ((key >> shift) & 255u) : 256u;
+                const unsigned peers = __match_any_sync(0xffffffffu, d);
+                if (d < 256u && (int)(threadIdx.x & 31) == __ffs(peers) - 1)
+                    atomicAdd(&hist[d], (u32)__popc(peers));
+            }
         }
         __syncthreads();
         // Suffix sums over digits (descending): thread r < 256 holds digit 255 - r.

@@ -89,9 +89,9 @@ fn topk_matches_cpu_exactly_with_many_ties() {
 fn indexer_scores_match_cpu() {
     let Some((dev, _c)) = gpu("indexer_scores_match_cpu") else { return };
     let mut rng = Rng::new(8);
-    for &(heads, dim) in &[(64usize, 128usize), (16, 64), (16, 32)] {
-        let (batch, max_ctx) = (3usize, 1000usize);
-        let lens = [1000i32, 517, 0];
+    for &(heads, dim) in &[(64usize, 128usize), (16, 64), (13, 32)] {
+        let (batch, max_ctx) = (3usize, 1003usize);
+        let lens = [1003i32, 517, 0];
         let q = rng.bf16_vec(batch * heads * dim, 1.0);
         let w: Vec<f32> = (0..batch * heads).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let keys = rng.bf16_vec(batch * max_ctx * dim, 1.0);
@@ -101,32 +101,42 @@ fn indexer_scores_match_cpu() {
             dev.upload(&keys).unwrap(),
             dev.upload(&lens).unwrap(),
         );
-        let mut od = dev.upload(&vec![f32::NAN; batch * max_ctx]).unwrap();
-        dev.ops()
-            .indexer_scores_bf16(&qd, &wd, &kd, &ld, &mut od, batch, heads, dim, max_ctx)
-            .unwrap();
-        let got = dev.download(&od).unwrap();
-        let (qf, kf) = (to_f32(&q), to_f32(&keys));
-        let mut emax = 0f32;
-        for b in 0..batch {
-            let len = lens[b] as usize;
-            let mut want = vec![0f32; len];
-            cpu::indexer::indexer_scores(
-                &qf[b * heads * dim..(b + 1) * heads * dim],
-                &w[b * heads..(b + 1) * heads],
-                &kf[b * max_ctx * dim..(b * max_ctx + len) * dim],
-                heads,
-                dim,
-                &mut want,
-            );
-            let g = &got[b * max_ctx..(b + 1) * max_ctx];
-            for s in 0..len {
-                emax = emax.max((g[s] - want[s]).abs() / want[s].abs().max(1.0));
+        for simt in [false, true] {
+            let mut od = dev.upload(&vec![f32::NAN; batch * max_ctx]).unwrap();
+            let ops = dev.ops();
+            if simt {
+                ops.indexer_scores_bf16_simt(
+                    &qd, &wd, &kd, &ld, &mut od, batch, heads, dim, max_ctx,
+                )
+                .unwrap();
+            } else {
+                ops.indexer_scores_bf16(&qd, &wd, &kd, &ld, &mut od, batch, heads, dim, max_ctx)
+                    .unwrap();
             }
-            assert!(g[len..].iter().all(|&v| v == f32::NEG_INFINITY), "past len must be -inf");
+            let got = dev.download(&od).unwrap();
+            let (qf, kf) = (to_f32(&q), to_f32(&keys));
+            let mut emax = 0f32;
+            for b in 0..batch {
+                let len = lens[b] as usize;
+                let mut want = vec![0f32; len];
+                cpu::indexer::indexer_scores(
+                    &qf[b * heads * dim..(b + 1) * heads * dim],
+                    &w[b * heads..(b + 1) * heads],
+                    &kf[b * max_ctx * dim..(b * max_ctx + len) * dim],
+                    heads,
+                    dim,
+                    &mut want,
+                );
+                let g = &got[b * max_ctx..(b + 1) * max_ctx];
+                for s in 0..len {
+                    emax = emax.max((g[s] - want[s]).abs() / want[s].abs().max(1.0));
+                }
+                assert!(g[len..].iter().all(|&v| v == f32::NEG_INFINITY), "past len must be -inf");
+            }
+            let kind = if simt { "simt" } else { "mma" };
+            eprintln!("err indexer_scores_bf16 ({kind}) heads={heads} dim={dim}: max {emax:.2e}");
+            assert!(emax <= 1e-4, "indexer {kind} heads={heads} dim={dim}: max err {emax}");
         }
-        eprintln!("err indexer_scores_bf16 heads={heads} dim={dim}: max {emax:.2e}");
-        assert!(emax <= 1e-4, "indexer heads={heads} dim={dim}: max err {emax}");
     }
 }
 
@@ -167,20 +177,27 @@ fn sparse_mla_decode_matches_cpu_with_invalid_slots() {
     }
     let (qd, kvd, id) =
         (dev.upload(&q).unwrap(), dev.upload(&kv).unwrap(), dev.upload(&idx).unwrap());
-    for splits in [1usize, 4, s.default_splits(132)] {
+    for (simt, splits) in
+        [(false, 1usize), (false, 4), (false, s.default_splits(132)), (true, 1), (true, 4)]
+    {
         let (wo, wml) = s.workspace_len(splits);
         let mut ws_o = dev.upload(&vec![f32::NAN; wo.max(1)]).unwrap();
         let mut ws_ml = dev.upload(&vec![f32::NAN; wml.max(1)]).unwrap();
         let mut od = dev.upload(&vec![bf16::NAN; s.batch * s.heads * s.kv_lora]).unwrap();
-        dev.ops()
-            .mla_sparse_decode_bf16(
+        let r = if simt {
+            dev.ops().mla_sparse_decode_bf16_simt(
                 &qd, &kvd, &id, &mut od, &mut ws_o, &mut ws_ml, &s, scale, splits,
             )
-            .unwrap();
+        } else {
+            dev.ops().mla_sparse_decode_bf16(
+                &qd, &kvd, &id, &mut od, &mut ws_o, &mut ws_ml, &s, scale, splits,
+            )
+        };
+        r.unwrap();
         let got = to_f32(&dev.download(&od).unwrap());
         let n2 = 2 * s.heads * s.kv_lora;
         let e = rel_err(&got[..n2], &want[..n2]);
-        eprintln!("err mla_sparse_decode_bf16 splits={splits}: rel {e:.2e}");
+        eprintln!("err mla_sparse_decode_bf16 simt={simt} splits={splits}: rel {e:.2e}");
         assert!(e < 1e-2, "splits {splits}: rel err {e}");
         assert!(
             got[n2..].iter().all(|&v| v == 0.0),

@@ -50,9 +50,46 @@ impl Ops {
     /// q `[batch, heads, kv_lora + rope]` bf16 (absorbed query), kv `[n_rows, kv_lora + rope]`
     /// bf16, indices `[batch, topk]` i32, out `[batch, heads, kv_lora]` bf16. With `splits > 1`,
     /// `ws_o` and `ws_ml` must hold [`MlaDecodeShape::workspace_len`]; with 1 they are unused.
+    /// Runs the bf16 tensor-core kernel when `(kv_lora + rope) % 16 == 0` and
+    /// `kv_lora % 32 == 0` (DeepSeek-V3.2's 512 + 64), else the SIMT kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn mla_sparse_decode_bf16(
         &self,
+        q: &CudaSlice<bf16>,
+        kv: &CudaSlice<bf16>,
+        indices: &CudaSlice<i32>,
+        out: &mut CudaSlice<bf16>,
+        ws_o: &mut CudaSlice<f32>,
+        ws_ml: &mut CudaSlice<f32>,
+        s: &MlaDecodeShape,
+        scale: f32,
+        splits: usize,
+    ) -> Result<(), CudaError> {
+        let mma = (s.kv_lora + s.rope) % 16 == 0 && s.kv_lora % 32 == 0;
+        self.mla(mma, q, kv, indices, out, ws_o, ws_ml, s, scale, splits)
+    }
+
+    /// [`Self::mla_sparse_decode_bf16`] on CUDA cores only (the SIMT reference kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_sparse_decode_bf16_simt(
+        &self,
+        q: &CudaSlice<bf16>,
+        kv: &CudaSlice<bf16>,
+        indices: &CudaSlice<i32>,
+        out: &mut CudaSlice<bf16>,
+        ws_o: &mut CudaSlice<f32>,
+        ws_ml: &mut CudaSlice<f32>,
+        s: &MlaDecodeShape,
+        scale: f32,
+        splits: usize,
+    ) -> Result<(), CudaError> {
+        self.mla(false, q, kv, indices, out, ws_o, ws_ml, s, scale, splits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mla(
+        &self,
+        mma: bool,
         q: &CudaSlice<bf16>,
         kv: &CudaSlice<bf16>,
         indices: &CudaSlice<i32>,
@@ -106,13 +143,15 @@ impl Ops {
         let n_rows = to_i32(OP, "n_rows", s.n_rows)?;
         let cfg = LaunchConfig {
             grid_dim: ((s.heads / 16) as u32, s.batch as u32, splits as u32),
-            block_dim: (256, 1, 1),
+            block_dim: (if mma { 128 } else { 256 }, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream().launch_builder(self.model_fn(OP)?);
+        let name = if mma { "mla_sparse_decode_mma_bf16" } else { OP };
+        let mut b = self.stream().launch_builder(self.model_fn(name)?);
         b.arg(q).arg(kv).arg(indices).arg(&mut *out).arg(&mut *ws_o).arg(&mut *ws_ml);
         b.arg(&heads).arg(&lora).arg(&rope).arg(&topk).arg(&n_rows).arg(&scale);
-        // SAFETY: matches `mla_sparse_decode_bf16`; dims are within the kernel's shared-memory
+        // SAFETY: matches `mla_sparse_decode_bf16` and `mla_sparse_decode_mma_bf16` (same
+        // parameters; the MMA one only for width % 16 == 0, kv_lora % 32 == 0); dims are within the kernel's shared-memory
         // tiles (width ≤ 576, kv_lora ≤ 512, 16 heads per CTA); q, kv, indices and out were
         // checked; kv rows are read only for 0 ≤ index < n_rows; the workspace (splits > 1) was
         // checked against workspace_len.

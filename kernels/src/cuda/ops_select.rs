@@ -17,6 +17,7 @@ impl Ops {
     /// `lens[b] ≤ s < max_ctx`. q `[batch, heads, dim]` bf16, w `[batch, heads]` f32,
     /// keys `[batch, max_ctx, dim]` bf16, lens `[batch]` i32 (device; clamped by the kernel's
     /// bounds: s < max_ctx always), out `[batch, max_ctx]` f32. heads ≤ 64, dim ∈ {32, 64, 128}.
+    /// bf16 tensor-core MMA with fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
     pub fn indexer_scores_bf16(
         &self,
@@ -30,11 +31,48 @@ impl Ops {
         dim: usize,
         max_ctx: usize,
     ) -> Result<(), CudaError> {
+        self.indexer(true, q, w, keys, lens, out, batch, heads, dim, max_ctx)
+    }
+
+    /// [`Self::indexer_scores_bf16`] on CUDA cores (one thread per key): the SIMT reference.
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_scores_bf16_simt(
+        &self,
+        q: &CudaSlice<bf16>,
+        w: &CudaSlice<f32>,
+        keys: &CudaSlice<bf16>,
+        lens: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        batch: usize,
+        heads: usize,
+        dim: usize,
+        max_ctx: usize,
+    ) -> Result<(), CudaError> {
+        self.indexer(false, q, w, keys, lens, out, batch, heads, dim, max_ctx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn indexer(
+        &self,
+        mma: bool,
+        q: &CudaSlice<bf16>,
+        w: &CudaSlice<f32>,
+        keys: &CudaSlice<bf16>,
+        lens: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        batch: usize,
+        heads: usize,
+        dim: usize,
+        max_ctx: usize,
+    ) -> Result<(), CudaError> {
         const OP: &str = "indexer_scores_bf16";
-        let name = match dim {
-            128 => "indexer_scores_bf16_d128",
-            64 => "indexer_scores_bf16_d64",
-            32 => "indexer_scores_bf16_d32",
+        let name = match (dim, mma) {
+            (128, true) => "indexer_mma_bf16_d128",
+            (64, true) => "indexer_mma_bf16_d64",
+            (32, true) => "indexer_mma_bf16_d32",
+            (128, false) => "indexer_scores_bf16_d128",
+            (64, false) => "indexer_scores_bf16_d64",
+            (32, false) => "indexer_scores_bf16_d32",
             _ => return Err(CudaError::shape(OP, format!("dim {dim} is not 32, 64 or 128"))),
         };
         if heads == 0 || heads > 64 {
@@ -59,7 +97,8 @@ impl Ops {
         };
         let mut b = self.stream().launch_builder(self.model_fn(name)?);
         b.arg(q).arg(w).arg(keys).arg(lens).arg(out).arg(&h_i).arg(&ctx_i);
-        // SAFETY: matches `indexer_scores_bf16_d{dim}`; every buffer was checked against batch,
+        // SAFETY: matches `indexer_mma_bf16_d{dim}` / `indexer_scores_bf16_d{dim}` (same
+        // parameters); every buffer was checked against batch,
         // heads ≤ 64 (the shared q tile), dim and max_ctx; the kernel reads key s only for
         // s < min(lens[b], max_ctx) (keys rows are 16-byte aligned: dim % 8 == 0).
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch indexer_scores_bf16"))?;

@@ -71,14 +71,21 @@ pub const TOPK: KernelSource = KernelSource {
 pub const INDEXER: KernelSource = KernelSource {
     name: "indexer",
     code: include_str!("../../cuda/indexer.cu"),
-    kernels: &["indexer_scores_bf16_d128", "indexer_scores_bf16_d64", "indexer_scores_bf16_d32"],
+    kernels: &[
+        "indexer_scores_bf16_d128",
+        "indexer_scores_bf16_d64",
+        "indexer_scores_bf16_d32",
+        "indexer_mma_bf16_d128",
+        "indexer_mma_bf16_d64",
+        "indexer_mma_bf16_d32",
+    ],
 };
 
 /// Sparse MLA decode (absorbed form, bf16 latent) and its split combine.
 pub const MLA: KernelSource = KernelSource {
     name: "mla",
     code: include_str!("../../cuda/mla.cu"),
-    kernels: &["mla_sparse_decode_bf16", "mla_combine"],
+    kernels: &["mla_sparse_decode_bf16", "mla_combine", "mla_sparse_decode_mma_bf16"],
 };
 
 /// MoE token permutation, gather and weighted combine.
