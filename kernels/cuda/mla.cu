@@ -164,7 +164,7 @@ extern "C" __global__ void mla_combine(const float* __restrict__ ws_o, const flo
 // Tensor-core version (default): same math, grid and workspace as above, bf16 MMA
 // (mma.sync m16n8k16, fp32 accumulate). CTA = 4 warps for 16 heads; per tile of 16 keys:
 // QK as [16 heads x width] . [width x 16 keys] with the K dimension split over the 4 warps
-// (partials summed through shared memory), online softmax by 16 threads (one per head; P rounded
+// (partials summed through shared memory), online softmax by 8 threads per head (P rounded
 // to bf16 for the PV MMA, the row sums kept in fp32), PV as [16 heads x 16 keys] . [16 keys x
 // kv_lora] with each warp owning kv_lora / 4 output columns (<= 16 n-tiles, 64 fp32 registers).
 // Limits (wrapper-checked): width % 16 == 0, kv_lora % 32 == 0, kv_lora <= 512, width <= 576.
@@ -172,6 +172,7 @@ extern "C" __global__ void mla_combine(const float* __restrict__ ws_o, const flo
 
 #define MM_W 292  // u32 words per padded row (576 / 2 + 4): conflict-free fragment loads
 #define MM_PW 12  // u32 words per padded P row (16 keys / 2 + 4)
+#define MM_PRE 9  // 16-byte chunks per thread of a 16-key tile (16 * 72 / 128)
 
 __device__ __forceinline__ void mm_mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(
@@ -213,21 +214,35 @@ mla_sparse_decode_mma_bf16(const bf16_t* __restrict__ q, const bf16_t* __restric
 #pragma unroll
     for (int i = 0; i < 16; ++i) { acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f; }
     const unsigned short* ks16 = reinterpret_cast<const unsigned short*>(ks);
+    // Software pipeline: the next tile's rows are gathered into registers (MM_PRE 16-byte chunks
+    // per thread) while the current tile is computed.
+    uint4 pre[MM_PRE];
+#define MM_FETCH(T0)                                                                          \
+    _Pragma("unroll") for (int u = 0; u < MM_PRE; ++u) {                                       \
+        const int e = tid + 128 * u;                                                           \
+        pre[u] = make_uint4(0, 0, 0, 0);                                                       \
+        if (e < MLA_TILE * w16) {                                                              \
+            const int j = (T0) + e / w16;                                                      \
+            const int r = j < j1 ? __ldg(ib + j) : -1;                                         \
+            if (r >= 0 && r < n_rows)                                                          \
+                pre[u] = __ldg(reinterpret_cast<const uint4*>(kv + (size_t)r * width) + e % w16); \
+        }                                                                                      \
+    }
+    if (j0 < j1) { MM_FETCH(j0) }
     for (int t0 = j0; t0 < j1; t0 += MLA_TILE) {
-        __syncthreads();
+        __syncthreads();  // the previous tile is consumed
         if (tid < MLA_TILE) {
             const int j = t0 + tid;
             const int r = j < j1 ? ib[j] : -1;
             rows_s[tid] = (r >= 0 && r < n_rows) ? r : -1;
         }
-        __syncthreads();
-        for (int e = tid; e < MLA_TILE * w16; e += 128) {
-            const int kr = e / w16, c = e % w16;
-            const int r = rows_s[kr];
-            reinterpret_cast<uint4*>(ks + kr * MM_W)[c] =
-                r >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv + (size_t)r * width) + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < MM_PRE; ++u) {
+            const int e = tid + 128 * u;
+            if (e < MLA_TILE * w16) reinterpret_cast<uint4*>(ks + (e / w16) * MM_W)[e % w16] = pre[u];
         }
         __syncthreads();
+        if (t0 + MLA_TILE < j1) { MM_FETCH(t0 + MLA_TILE) }
         // QK partials over this warp's k-tiles (kt = warp, warp + 4, ...).
         float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int kt = warp; kt < nk; kt += 4) {
@@ -246,32 +261,32 @@ mla_sparse_decode_mma_bf16(const bf16_t* __restrict__ q, const bf16_t* __restric
         part[warp][g + 8][8 + 2 * tq] = c1[2];
         part[warp][g + 8][8 + 2 * tq + 1] = c1[3];
         __syncthreads();
-        if (tid < MLA_HG) {
-            const int h = tid;
-            float lg[MLA_TILE];
-            float mx = -INFINITY;
+        {
+            // Online softmax: 8 threads per head, 2 keys each.
+            const int h = tid >> 3, jp = tid & 7, ja = 2 * jp, jb = ja + 1;
+            const float la = rows_s[ja] >= 0
+                ? scale * (part[0][h][ja] + part[1][h][ja] + part[2][h][ja] + part[3][h][ja])
+                : -INFINITY;
+            const float lb = rows_s[jb] >= 0
+                ? scale * (part[0][h][jb] + part[1][h][jb] + part[2][h][jb] + part[3][h][jb])
+                : -INFINITY;
+            float mx = fmaxf(la, lb);
 #pragma unroll
-            for (int j = 0; j < MLA_TILE; ++j) {
-                const float v = rows_s[j] >= 0
-                    ? scale * (part[0][h][j] + part[1][h][j] + part[2][h][j] + part[3][h][j])
-                    : -INFINITY;
-                lg[j] = v;
-                mx = fmaxf(mx, v);
-            }
+            for (int o = 4; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             const float m_old = m_s[h];
-            const float m_new = fmaxf(m_old, mx);
+            const float m_new = fmaxf(m_old, mx);  // finite: m starts at -1e30
             const float alpha = expf(m_old - m_new);
-            float sum = 0.0f;
+            const float p0 = la == -INFINITY ? 0.0f : expf(la - m_new);
+            const float p1 = lb == -INFINITY ? 0.0f : expf(lb - m_new);
+            float sum = p0 + p1;
 #pragma unroll
-            for (int j = 0; j < MLA_TILE; j += 2) {
-                const float p0 = lg[j] == -INFINITY ? 0.0f : expf(lg[j] - m_new);
-                const float p1 = lg[j + 1] == -INFINITY ? 0.0f : expf(lg[j + 1] - m_new);
-                sum += p0 + p1;
-                ps[h * MM_PW + j / 2] = (u32)f32_to_bf16(p0) | ((u32)f32_to_bf16(p1) << 16);
+            for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            ps[h * MM_PW + jp] = (u32)f32_to_bf16(p0) | ((u32)f32_to_bf16(p1) << 16);
+            if (jp == 0) {
+                m_s[h] = m_new;
+                l_s[h] = l_s[h] * alpha + sum;
+                alpha_s[h] = alpha;
             }
-            m_s[h] = m_new;
-            l_s[h] = l_s[h] * alpha + sum;
-            alpha_s[h] = alpha;
         }
         __syncthreads();
         // PV.

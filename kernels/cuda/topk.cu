@@ -48,9 +48,10 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
               const int* __restrict__ lens,      // [rows]: valid keys of each row (clamped)
               int* __restrict__ out,             // [rows, k]
               int stride, int k) {
+    __shared__ u32 hist_w[TK_THREADS / 32][256];  // per-warp histograms: no inter-warp contention
     __shared__ u32 hist[256];
     __shared__ u32 sh[33];
-    __shared__ u32 s_digit, s_above;
+    __shared__ u32 s_digit, s_above, s_count;
     const float* row = scores + (size_t)blockIdx.x * stride;
     int* o = out + (size_t)blockIdx.x * k;
     int len = lens[blockIdx.x];
@@ -61,11 +62,12 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
     }
     u32 prefix = 0, mask = 0, need = (u32)k;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        for (int i = threadIdx.x; i < (TK_THREADS / 32) * 256; i += blockDim.x)
+            (&hist_w[0][0])[i] = 0;
         __syncthreads();
         // Warp-uniform loop (full-mask match_any), 4 loads in flight per thread; lanes with
-        // the same digit add once (the leading digits of real scores are few: without this
-        // aggregation the shared-memory atomics serialise).
+        // the same digit add once into their warp's own histogram (the leading digits of real
+        // scores are few: shared atomics from all warps on 2-3 bins serialise).
         for (int b0 = 0; b0 < len; b0 += 4 * TK_THREADS) {
             u32 keys[4];
 #pragma unroll
@@ -80,8 +82,15 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
                 const u32 d = (i < len && (key & mask) == prefix) ? ((key >> shift) & 255u) : 256u;
                 const unsigned peers = __match_any_sync(0xffffffffu, d);
                 if (d < 256u && (int)(threadIdx.x & 31) == __ffs(peers) - 1)
-                    atomicAdd(&hist[d], (u32)__popc(peers));
+                    atomicAdd(&hist_w[threadIdx.x >> 5][d], (u32)__popc(peers));
             }
+        }
+        __syncthreads();
+        if (threadIdx.x < 256) {
+            u32 t = 0;
+#pragma unroll 8
+            for (int w = 0; w < TK_THREADS / 32; ++w) t += hist_w[w][threadIdx.x];
+            hist[threadIdx.x] = t;
         }
         __syncthreads();
         // Suffix sums over digits (descending): thread r < 256 holds digit 255 - r.
@@ -90,14 +99,21 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
         const u32 incl = tk_block_scan(c, sh, &tot);  // count of digits >= 255 - r
         if (threadIdx.x < 256) {
             const u32 above = incl - c;               // count of digits > 255 - r
-            if (above < need && need <= incl) { s_digit = 255u - threadIdx.x; s_above = above; }
+            if (above < need && need <= incl) {
+                s_digit = 255u - threadIdx.x;
+                s_above = above;
+                s_count = c;
+            }
         }
         __syncthreads();
         prefix |= s_digit << shift;
         mask |= 255u << shift;
         need -= s_above;
+        const bool done = s_count == need;  // the whole boundary bin is taken: stop early
         __syncthreads();
+        if (done) break;
     }
+    // Keys compare on the resolved prefix bits only (all 32 unless the loop stopped early).
     const u32 T = prefix;
     // Ordered emission. Scan value packs (gt count) << 16 | (eq count); <= 1024 each per chunk.
     u32 eq_base = 0, out_base = 0;
@@ -106,7 +122,7 @@ topk_rows_f32(const float* __restrict__ scores,  // [rows, stride]
         u32 key = 0;
         bool gt = false, eq = false;
         if (i < len) {
-            key = tk_key(row[i]);
+            key = tk_key(row[i]) & mask;
             gt = key > T;
             eq = key == T;
         }
