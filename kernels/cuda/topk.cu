@@ -3,10 +3,13 @@
 // scores -> lower position first; exactly min(k, len) indices out, ascending by position, then -1.
 //
 // Radix select over order-preserving 32-bit keys, 4 passes of 8 bits: each pass histograms the
-// next digit of the keys that match the prefix found so far and picks the digit holding the
-// k-th largest. The result is the exact k-th key T and `need`, how many keys equal to T to take
-// (the lowest positions). A final ordered pass emits key > T, and key == T while fewer than `need`
-// equal keys came before (one packed block scan per 1024 positions), so output is ascending.
+// next digit of the keys that match the prefix found so far (per-warp histograms; lanes with the
+// same digit add once) and picks the digit holding the k-th largest. The result is the k-th key T
+// and `need`, how many keys equal to T to take (the lowest positions); a pass whose boundary bin
+// is taken whole ends the search early (T is then a prefix and keys compare on those bits). A
+// final ordered pass emits key > T, and key == T while fewer than `need` equal keys came before
+// (one packed block scan per 1024 positions), so output is ascending. One CTA per row: long rows
+// at small batch leave most SMs idle (KERNELS.md speed pitfall 1; multi-CTA rows are future work).
 // Launch: grid = rows, block = 1024.
 
 #define TK_THREADS 1024

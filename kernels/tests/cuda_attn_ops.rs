@@ -205,7 +205,7 @@ fn sparse_mla_decode_matches_cpu_with_invalid_slots() {
         );
     }
     let bad = MlaDecodeShape { heads: 24, ..s };
-    let mut od = dev.upload(&vec![bf16::ZERO; 1]).unwrap();
+    let mut od = dev.upload(&[bf16::ZERO; 1]).unwrap();
     let (mut a, mut b2) = (dev.upload(&[0f32]).unwrap(), dev.upload(&[0f32]).unwrap());
     assert!(
         dev.ops()

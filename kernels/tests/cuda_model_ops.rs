@@ -297,7 +297,7 @@ fn router_matches_cpu_including_ties() {
     let bad = RouterParams { top_k: 33, ..full };
     let (ld, bd) =
         (dev.upload(&vec![0.5f32; 256]).unwrap(), dev.upload(&vec![0.0f32; 256]).unwrap());
-    let mut idd = dev.upload(&vec![0i32; 33]).unwrap();
-    let mut wd = dev.upload(&vec![0f32; 33]).unwrap();
+    let mut idd = dev.upload(&[0i32; 33]).unwrap();
+    let mut wd = dev.upload(&[0f32; 33]).unwrap();
     assert!(dev.ops().router_select(&ld, &bd, &mut idd, &mut wd, 1, &bad).is_err());
 }
