@@ -172,3 +172,20 @@ impl Ops {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MlaDecodeShape;
+
+    #[test]
+    fn splits_fill_the_gpu_at_small_batch_and_keep_64_keys_per_split() {
+        let s =
+            MlaDecodeShape { batch: 1, heads: 128, kv_lora: 512, rope: 64, topk: 2048, n_rows: 1 };
+        // 8 CTAs of 16 heads: 2 × 132 / 8 = 33 splits, capped at 2048 / 64 = 32.
+        assert_eq!(s.default_splits(132), 32);
+        assert_eq!(MlaDecodeShape { batch: 64, ..s }.default_splits(132), 1);
+        assert_eq!(MlaDecodeShape { topk: 100, ..s }.default_splits(132), 2);
+        assert_eq!(MlaDecodeShape { batch: 0, ..s }.default_splits(132), 32);
+        assert_eq!(s.workspace_len(4), (4 * 128 * 512, 4 * 128 * 2));
+    }
+}
