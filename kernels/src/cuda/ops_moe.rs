@@ -145,6 +145,11 @@ pub fn moe_experts_bf16(
     // pair, so row_pair[r] / top_k < tokens; x_perm holds max_pairs × dim, dim % 8 == 0.
     unsafe { b.launch(cfg(pairs, 128)) }.map_err(CudaError::driver("launch moe_gather_bf16"))?;
     let offsets = dev.download(&sc.offsets)?; // the one host sync
+    // The plan kernel guarantees 0 = offsets[0] ≤ … ≤ offsets[E] ≤ pairs; check anyway, so a
+    // broken plan is an error rather than an out-of-range slice.
+    if offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) || offsets[e] as usize > pairs {
+        return Err(CudaError::shape(OP, format!("moe_plan produced invalid offsets {offsets:?}")));
+    }
     let rows_used = offsets[e] as usize;
     for ex in 0..e {
         let (r0, r1) = (offsets[ex] as usize, offsets[ex + 1] as usize);
