@@ -25,7 +25,9 @@
 //! `slots_per_rank` and no two replicas share a (rank, slot); each rank holds at most its even
 //! share plus `redundant_slots_per_rank` experts per layer.
 
+pub mod load;
 pub mod placement;
+pub mod rebalance;
 #[cfg(test)]
 mod tests;
 
@@ -34,7 +36,9 @@ use crate::ids::{Epoch, ExpertId, Rank};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use load::{Balance, ExpertError, LayerCounts, LoadWindow};
 pub use placement::{PinnedReplicas, PlanSpec};
+pub use rebalance::{PlacementChange, RebalanceReport, ReplicaRequest};
 
 /// Why a plan could not be built or is not valid. Each variant names the layer/expert/rank.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
