@@ -243,6 +243,12 @@ impl<'a> Ctx<'a> {
         self.old.replicas.iter().map(|r| r.iter().map(|s| s.rank.0 as usize).collect()).collect()
     }
 
+    /// Replicas of `assign` on a rank that did not hold that expert before.
+    fn moves(&self, assign: &Assign) -> usize {
+        let old = self.old_ranks();
+        assign.iter().zip(&old).map(|(n, o)| n.iter().filter(|r| !o.contains(r)).count()).sum()
+    }
+
     /// Numbers the slots of `assign`: kept replicas keep theirs, new ones take the lowest free.
     fn to_layer(&self, assign: &Assign) -> LayerPlacement {
         let mut used = vec![vec![false; self.slots_per_rank]; self.world];
@@ -420,7 +426,8 @@ fn relocate(assign: &mut Assign, on: &mut [Vec<usize>], e: usize, from: usize, t
     on[to].push(e);
 }
 
-/// LPT (or the feasibility fill) + improvement, and the sticky variant when no worse.
+/// LPT (or the feasibility fill) + improvement; the sticky variant when it is no worse and
+/// moves fewer replicas; then ranks relabelled to keep as many replicas in place as possible.
 fn place_full(ctx: &Ctx, counts: &[usize], per: &[f64]) -> Result<Assign, ExpertError> {
     let mut a = match lpt(ctx, counts, per, None) {
         Some(a) => a,
@@ -431,14 +438,50 @@ fn place_full(ctx: &Ctx, counts: &[usize], per: &[f64]) -> Result<Assign, Expert
         })?,
     };
     improve(ctx, &mut a, per);
+    let a = relabel(ctx, a);
     let bound = max_load(ctx.world, &a, per);
     if let Some(mut b) = lpt(ctx, counts, per, Some((&ctx.old_ranks(), bound))) {
         improve(ctx, &mut b, per);
-        if max_load(ctx.world, &b, per) <= bound + 1e-9 * bound.max(1.0) {
+        let b = relabel(ctx, b);
+        if max_load(ctx.world, &b, per) <= bound + 1e-9 * bound.max(1.0)
+            && ctx.moves(&b) <= ctx.moves(&a)
+        {
             return Ok(b);
         }
     }
     Ok(a)
+}
+
+/// Renames the ranks of `assign` (which only permutes rank loads) so that each new rank set
+/// lands on the old rank sharing most experts with it (greedy, ties: lower ids), within
+/// capacity. Returns `assign` unchanged if the greedy matching strands a set.
+fn relabel(ctx: &Ctx, assign: Assign) -> Assign {
+    let w = ctx.world;
+    let mut sets: Vec<Vec<usize>> = vec![Vec::new(); w];
+    for (e, ranks) in assign.iter().enumerate() {
+        for &r in ranks {
+            sets[r].push(e);
+        }
+    }
+    let old = ctx.old_ranks();
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::with_capacity(w * w);
+    for (i, set) in sets.iter().enumerate() {
+        for r in 0..w {
+            pairs.push((set.iter().filter(|&&e| old[e].contains(&r)).count(), i, r));
+        }
+    }
+    pairs.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let (mut to, mut taken) = (vec![usize::MAX; w], vec![false; w]);
+    for (_, i, r) in pairs {
+        if to[i] == usize::MAX && !taken[r] && sets[i].len() <= ctx.cap[r] {
+            to[i] = r;
+            taken[r] = true;
+        }
+    }
+    if to.contains(&usize::MAX) {
+        return assign;
+    }
+    assign.into_iter().map(|ranks| ranks.into_iter().map(|r| to[r]).collect()).collect()
 }
 
 /// The placement of `layers` with version + 1, and the replicas it moves and drops.
