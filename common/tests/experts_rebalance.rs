@@ -209,3 +209,27 @@ fn set_errors_name_what_was_wrong() {
     let err = set_replicas(&p, &ReplicaRequest::Redundant(1), &bad_load).unwrap_err();
     assert_eq!(err, ExpertError::CountsLength { layer: 1, got: 3, want: 16 });
 }
+
+#[test]
+fn full_width_scale_58_layers() {
+    // DeepSeek-V3.2 width: 256 experts, 58 MoE layers, W = 64 with 2 redundant slots per rank.
+    let start = plan(64, 256, 58, 2);
+    let load: LayerCounts = (1..=58u64)
+        .map(|l| {
+            let c = (0..256u64)
+                .map(|e| (1_000_000.0 / (((e * 97 + l * 31) % 256) + 1) as f64) as u64)
+                .collect();
+            (l as usize, c)
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let report = rebalance(&start, &load).unwrap();
+    let took = t.elapsed();
+    let after_plan = with(&start, report.change.placement.clone());
+    eprintln!(
+        "58 layers x 256 experts on 64 ranks: {took:?}, balancedness {:.3} -> {:.3}, moved {}",
+        report.balancedness_before, report.balancedness_after, report.change.moved
+    );
+    assert!(report.balancedness_after > 0.95 && report.balancedness_before < 0.6);
+    assert_eq!(after_plan.placement.layers.len(), 58);
+}

@@ -125,8 +125,9 @@ impl LoadWindow {
         let range = li * self.n_experts..(li + 1) * self.n_experts;
         let slot = &mut self.ring[self.head][range.clone()];
         for ((s, t), &c) in slot.iter_mut().zip(&mut self.totals[range]).zip(counts) {
-            *s += c;
-            *t += c;
+            // Saturating: absurd counts must not panic; `t >= s` still holds.
+            *s = s.saturating_add(c);
+            *t = t.saturating_add(c);
         }
         Ok(())
     }
@@ -196,7 +197,7 @@ pub fn rank_loads(
                 rank: s.rank.0,
                 world,
             })?;
-            *slot += replica_share(c, reps.len(), j);
+            *slot = slot.saturating_add(replica_share(c, reps.len(), j));
         }
     }
     Ok(out)

@@ -16,9 +16,16 @@
 //!    feasibility-first fill (most replicas first, onto ranks with most free slots). Then a
 //!    local-improvement pass moves or swaps replicas off the most loaded rank while that
 //!    lowers it. A second, *sticky* LPT run prefers a rank that already holds the expert when
-//!    that keeps the rank under the first run's maximum; it wins when its maximum is no worse.
+//!    that keeps the rank under the first run's maximum; it wins when its maximum is no worse
+//!    and it moves no more replicas. Finally the ranks of the result are relabelled (a
+//!    permutation changes no rank's load) so each new rank set lands on the old rank sharing
+//!    most experts with it.
 //! 3. **Never worse**: a rebalanced layer whose measured max rank load (integer split of
 //!    [`super::load::rank_loads`]) is not below the current one keeps its current placement.
+//!
+//! [`set_replicas`] keeps every replica it can (the first `count` of each expert, primary
+//! first) and adds missing ones on the least loaded rank with a free slot that lacks the
+//! expert; only if that gets stuck does it re-place the layer as above.
 //!
 //! Invariants of every result (checked by [`ParallelPlan::validate`] in the tests): every
 //! expert has ≥ 1 replica, no rank holds two replicas of one expert, each rank holds at most
