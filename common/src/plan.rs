@@ -4,7 +4,9 @@
 //! Owns: the rank/group arithmetic, the expert placement ([`ExpertPlacement`]: logical expert →
 //! replicas `(rank, slot)`), the policy that builds it ([`placement`]), the per-token replica
 //! choice, and validation. Pure data (serde): it travels in the plan epoch through etcd and
-//! gRPC, and every receiver re-validates it ([`ParallelPlan::validate`]). Does not own: who the
+//! gRPC, and every receiver re-validates it ([`ParallelPlan::validate`]). Changing a placement
+//! while serving: measured load and balancedness ([`load`]), `experts set` / `rebalance`
+//! ([`rebalance`]). Does not own: who the
 //! ranks are (membership), communicators (kernels `comm`), loading the experts (worker).
 //!
 //! Layout rules:

@@ -233,3 +233,21 @@ fn full_width_scale_58_layers() {
     assert!(report.balancedness_after > 0.95 && report.balancedness_before < 0.6);
     assert_eq!(after_plan.placement.layers.len(), 58);
 }
+
+#[test]
+fn rebalance_falls_back_to_a_feasible_fill_when_lpt_is_stuck() {
+    // W = 3, E = 2, R = 1: capacities (1, 2, 2). Load (30, 25) gives counts (3, 2), expert 1
+    // first by load per replica (12.5 > 10); LPT puts it on ranks 0 and 1, filling rank 0, and
+    // expert 0 then cannot get 3 distinct ranks. The fill places expert 0 first.
+    let full = plan(3, 2, 1, 1);
+    let one_each = ReplicaRequest::Explicit(BTreeMap::from([((1, 0), 1), ((1, 1), 1)]));
+    let start = with(&full, set_replicas(&full, &one_each, &BTreeMap::new()).unwrap().placement);
+    let load = BTreeMap::from([(1, vec![30u64, 25])]);
+    let report = rebalance(&start, &load).unwrap();
+    let p = with(&start, report.change.placement);
+    assert_eq!(p.replicas(1, ExpertId(0)).unwrap().len(), 3);
+    assert_eq!(p.replicas(1, ExpertId(1)).unwrap().len(), 2);
+    // Ranks: (0, 30, 25) before; (10, 22, 23) or so after (integer split of 25 over 2).
+    assert!((report.balancedness_before - 55.0 / 3.0 / 30.0).abs() < 1e-12);
+    assert!((report.balancedness_after - 55.0 / 3.0 / 23.0).abs() < 1e-12);
+}
