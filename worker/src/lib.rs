@@ -6,5 +6,7 @@
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
+pub mod kv;
+pub mod model;
 pub mod sampling;
 pub mod weights;
