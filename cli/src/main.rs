@@ -3,7 +3,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bench_comm;
+mod generate;
 
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
@@ -17,28 +19,34 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
-    /// Micro-benchmarks: each prints a table and writes a JSON record.
-    Bench {
-        #[command(subcommand)]
-        bench: Bench,
-    },
+    /// One-shot generation (CLI.md).
+    Generate(generate::GenerateArgs),
+    /// Benchmarks; records worth keeping go to docs/perf/.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
-#[derive(Debug, Subcommand)]
-enum Bench {
-    /// TcpComm all-reduce and all-to-all bandwidth over loopback.
-    Comm(bench_comm::Args),
+/// Prints an error as one line on stderr and exits non-zero.
+fn exit_on_error(r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        // The chain on one line, skipping causes the message above already quotes.
+        let mut line = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !line.contains(&c) {
+                line = format!("{line}: {c}");
+            }
+        }
+        eprintln!("fathom: error: {line}");
+        std::process::exit(1);
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
-        Command::Bench { bench: Bench::Comm(args) } => {
-            if let Err(e) = bench_comm::run(&args) {
-                eprintln!("fathom bench comm: {e:#}");
-                std::process::exit(1);
-            }
-        }
+        Command::Generate(args) => exit_on_error(generate::run(args)),
+        Command::Bench(cmd) => exit_on_error(bench::run(cmd)),
     }
 }

@@ -8,3 +8,4 @@
 
 pub mod membership;
 pub mod scheduler;
+pub mod text;
