@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_comm;
 mod generate;
+mod generate_parallel;
 
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
@@ -21,6 +22,9 @@ enum Command {
     Version,
     /// One-shot generation (CLI.md).
     Generate(generate::GenerateArgs),
+    /// One rank of a `generate --comm tcp` world (started by `fathom generate`).
+    #[command(hide = true)]
+    Rank(generate_parallel::RankArgs),
     /// Benchmarks; records worth keeping go to docs/perf/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -47,6 +51,7 @@ fn main() {
     match cli.command {
         Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
         Command::Generate(args) => exit_on_error(generate::run(args)),
+        Command::Rank(args) => exit_on_error(generate_parallel::run_rank_cmd(args)),
         Command::Bench(cmd) => exit_on_error(bench::run(cmd)),
     }
 }
