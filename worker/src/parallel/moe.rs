@@ -35,6 +35,22 @@ pub(super) struct EpMoe {
     top_k: usize,
 }
 
+/// The dispatch payload of one rank: `words` for the all-to-all, the word count per
+/// destination, and per destination the records sent (`(token, assignment indices)`).
+struct Dispatch {
+    words: Vec<u32>,
+    counts: Vec<usize>,
+    sent: Vec<Vec<(u32, Vec<usize>)>>,
+}
+
+/// What arrived: expert inputs `[records, hidden]`, one assignment per (record, expert) with
+/// weight 1 (the sender weights), and the assignment count per source rank.
+struct Received {
+    x: Vec<f32>,
+    assign: Vec<Assignment>,
+    per_src: Vec<usize>,
+}
+
 /// Output of [`EpMoe::forward`]: `[n, hidden]` and, when recorded, each token's experts.
 type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>);
 
@@ -97,11 +113,12 @@ impl EpMoe {
         let m = mine.len();
         let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
 
-        let (send, send_counts, sent) = self.pack_dispatch(xs, &assignments, layer, plan, world)?;
-        let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&send, &send_counts)?;
-        let (rx_x, rx_assign, per_src) = self.unpack_dispatch(&recv, &recv_counts, layer)?;
-        let y = self.experts.compute_each(&rx_x, &rx_assign, layer)?; // [A, hidden]
-        let back_counts: Vec<usize> = per_src.iter().map(|a| a * h).collect();
+        let Dispatch { words, counts, sent } =
+            self.pack_dispatch(xs, &assignments, layer, plan, world)?;
+        let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
+        let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
+        let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
+        let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
 
         // Row of `ret` holding the output of each assignment.
@@ -181,9 +198,7 @@ impl EpMoe {
         Ok((full, routing))
     }
 
-    /// Dispatch payload: words, per-destination word counts, and per destination the records
-    /// sent (`(token, assignment indices)`), for the combine.
-    #[allow(clippy::type_complexity)]
+    /// Packs the dispatch records of this rank's slice.
     fn pack_dispatch(
         &self,
         xs: &[f32],
@@ -191,7 +206,7 @@ impl EpMoe {
         layer: usize,
         plan: &ParallelPlan,
         world: &dyn Collective,
-    ) -> Result<(Vec<u32>, Vec<usize>, Vec<Vec<(u32, Vec<usize>)>>), ParallelError> {
+    ) -> Result<Dispatch, ParallelError> {
         let h = self.hidden;
         let w = world.world_size();
         let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
@@ -216,17 +231,16 @@ impl EpMoe {
             }
             counts[d] = words.len() - start;
         }
-        Ok((words, counts, sent))
+        Ok(Dispatch { words, counts, sent })
     }
 
-    /// Parses the received records into expert inputs `[records, hidden]`, one assignment per
-    /// (record, expert) with weight 1 (the sender weights), and the assignment count per source.
+    /// Parses the received records (checking every length against `counts`).
     fn unpack_dispatch(
         &self,
         recv: &[u32],
         counts: &[usize],
         layer: usize,
-    ) -> Result<(Vec<f32>, Vec<Assignment>, Vec<usize>), ParallelError> {
+    ) -> Result<Received, ParallelError> {
         let h = self.hidden;
         let mut x = Vec::new();
         let mut assign = Vec::new();
@@ -254,6 +268,6 @@ impl EpMoe {
                 pos += 2 + k + h;
             }
         }
-        Ok((x, assign, per_src))
+        Ok(Received { x, assign, per_src })
     }
 }
