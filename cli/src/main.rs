@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_comm;
+mod bench_parallel;
 mod generate;
 mod generate_parallel;
 

@@ -40,6 +40,8 @@ pub struct GenerateOutput {
     pub logits: Vec<Vec<Vec<f32>>>,
     /// Per sequence: hit a stop id (`true`) or the length limit.
     pub stopped: Vec<bool>,
+    /// Wall time of every world step on this rank, in seconds (step 0 is the prompt prefill).
+    pub step_s: Vec<f64>,
 }
 
 /// Runs `req` (this rank's group's sequences, identical on every rank of the group) to the end.
@@ -70,6 +72,7 @@ pub fn generate_on_rank(
         generated: vec![Vec::new(); n_seq],
         logits: vec![Vec::new(); n_seq],
         stopped: vec![false; n_seq],
+        step_s: Vec::new(),
     };
     // Per sequence: next input tokens and their start position.
     let mut pending: Vec<(Vec<u32>, usize)> = req.prompts.iter().map(|p| (p.clone(), 0)).collect();
@@ -80,6 +83,7 @@ pub fn generate_on_rank(
         record_routing: false,
     });
     loop {
+        let step_started = std::time::Instant::now();
         let mut active_count = [running.iter().filter(|&&r| r).count() as f32];
         world.all_reduce_sum_f32(&mut active_count)?;
         if active_count[0] == 0.0 {
@@ -113,6 +117,7 @@ pub fn generate_on_rank(
                 running[s] = false;
             }
         }
+        out.step_s.push(step_started.elapsed().as_secs_f64());
     }
     Ok(out)
 }

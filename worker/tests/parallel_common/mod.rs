@@ -88,6 +88,7 @@ pub fn reference_generate(
         generated: vec![Vec::new()],
         logits: vec![Vec::new()],
         stopped: vec![false],
+        step_s: Vec::new(),
     };
     let (mut tokens, mut pos) = (prompt.to_vec(), 0);
     for _ in 0..new_tokens {
