@@ -79,6 +79,7 @@ pub fn run(a: &Args) -> Result<()> {
                 sampling: SamplingParams::greedy(),
                 stop_ids: Vec::new(),
                 keep_logits: false,
+                record_routing: false,
                 block_size: 64,
             })
             .collect();

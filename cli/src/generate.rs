@@ -250,16 +250,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop.extend(cfg.eos_ids());
     }
     if args.parallel.is_parallel() {
-        if args.return_routed_experts {
-            bail!("--return-routed-experts is not available with --world-size/--tp/--comm yet");
-        }
         let job = crate::generate_parallel::Job {
             prompt_ids: prompt_ids.clone(),
             max_new_tokens: args.max_new_tokens,
             stop_ids: stop.iter().copied().collect(),
             block_size: args.block_size,
+            record_routing: args.return_routed_experts,
         };
-        let (generated, logits) =
+        let (generated, logits, routed) =
             crate::generate_parallel::generate(&args.parallel, &args.model, &cfg, &src, &job)?;
         let finish =
             if generated.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
@@ -272,7 +270,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             generated,
             finish,
             steps.collect(),
-            Vec::new(),
+            routed,
         );
     }
     let shard = ShardSpec { load_mtp: false, ..ShardSpec::full(&cfg) };

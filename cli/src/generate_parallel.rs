@@ -68,10 +68,11 @@ pub struct Job {
     pub max_new_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub block_size: usize,
+    pub record_routing: bool,
 }
 
-/// Generated ids and the logits of each step (group 0's sequence).
-pub type Generated = (Vec<u32>, Vec<Vec<f32>>);
+/// What group 0's sequence got: ids, the logits of each step, routed experts per position fed.
+pub type Generated = (Vec<u32>, Vec<Vec<f32>>, Vec<Vec<Vec<u32>>>);
 
 fn plan_for(cfg: &ModelConfig, w: usize, t: usize, redundant: usize) -> Result<ParallelPlan> {
     let mut spec = PlanSpec::new(Epoch(0), w, t);
@@ -87,6 +88,7 @@ fn requests(job: &Job, d: usize, prompt_here: bool) -> Vec<GenerateRequest> {
             sampling: SamplingParams::greedy(),
             stop_ids: job.stop_ids.clone(),
             keep_logits: true,
+            record_routing: job.record_routing,
             block_size: job.block_size,
         })
         .collect()
@@ -141,7 +143,8 @@ pub fn generate(
     };
     let generated = out.generated.into_iter().next().unwrap_or_default();
     let logits = out.logits.into_iter().next().unwrap_or_default();
-    Ok((generated, logits))
+    let routed = out.routed_experts.into_iter().next().unwrap_or_default();
+    Ok((generated, logits, routed))
 }
 
 /// One rank over an established world communicator: load, split, generate.
@@ -196,6 +199,10 @@ fn rank_argv(
         "--block-size".into(),
         job.block_size.to_string(),
     ];
+    if job.record_routing {
+        // The group gathers routing only when every member records it.
+        argv.push("--record-routing".into());
+    }
     if let Some(f) = args.fault.as_deref().and_then(|f| f.strip_prefix(&format!("{rank}:"))) {
         argv.extend(["--fault".into(), f.to_string()]);
     }
@@ -262,6 +269,9 @@ pub struct RankArgs {
     stop_ids: String,
     #[arg(long)]
     block_size: usize,
+    /// Record routed experts (must match rank 0's --return-routed-experts).
+    #[arg(long)]
+    record_routing: bool,
     /// Testing: exit right after joining the world, or sleep this many seconds before the first
     /// step (a dead or stalled rank).
     #[arg(long, hide = true)]
@@ -284,6 +294,7 @@ pub fn run_rank_cmd(a: RankArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         stop_ids: parse_csv("--stop-ids", &a.stop_ids)?,
         block_size: a.block_size,
+        record_routing: a.record_routing,
     };
     let opts = comm_options(a.comm_timeout_s);
     let mut world = TcpComm::connect(&a.rendezvous, a.rank, a.world_size, opts)

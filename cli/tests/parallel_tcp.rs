@@ -78,7 +78,12 @@ fn tcp_processes_match_one_rank_and_hf() {
         let dir = case(name);
         let (prompt, greedy) = golden(&dir);
         let n = greedy.as_array().unwrap().len().min(8);
-        let one = generate(&dir, &prompt, n, &[]);
+        let one = generate(&dir, &prompt, n, &["--return-routed-experts"]);
+        assert_eq!(
+            one["routed_experts"].as_array().unwrap().len(),
+            prompt.split(',').count() + n - 1,
+            "{name}: one routing entry per position fed"
+        );
         let want: Vec<_> = greedy.as_array().unwrap()[..n].to_vec();
         assert_eq!(one["generated_ids"].as_array().unwrap(), &want, "{name}: one rank vs HF");
         for (w, t, comm) in [
@@ -88,10 +93,19 @@ fn tcp_processes_match_one_rank_and_hf() {
             ("4", "4", "tcp"),
             ("4", "1", "local"),
         ] {
-            let got = generate(&dir, &prompt, n, &["--world-size", w, "--tp", t, "--comm", comm]);
+            let got = generate(
+                &dir,
+                &prompt,
+                n,
+                &["--world-size", w, "--tp", t, "--comm", comm, "--return-routed-experts"],
+            );
             assert_eq!(
                 got["generated_ids"], one["generated_ids"],
                 "{name}: W={w} T={t} {comm}: greedy ids"
+            );
+            assert_eq!(
+                got["routed_experts"], one["routed_experts"],
+                "{name}: W={w} T={t} {comm}: routed experts"
             );
             for (step, (a, b)) in top(&got).iter().zip(top(&one)).enumerate() {
                 let scale = b.iter().map(|p| p.1.abs()).fold(0.0, f64::max);

@@ -41,6 +41,7 @@ fn requests(prompts: &[Vec<u32>], d: usize) -> (Vec<GenerateRequest>, Vec<Vec<us
             sampling: SamplingParams::greedy(),
             stop_ids: Vec::new(),
             keep_logits: true,
+            record_routing: false,
             block_size: 4,
         });
         which.push(idx);

@@ -40,6 +40,7 @@ fn request(prompts: Vec<Vec<u32>>, n: usize) -> GenerateRequest {
         sampling: SamplingParams::greedy(),
         stop_ids: Vec::new(),
         keep_logits: true,
+        record_routing: false,
         block_size: 4,
     }
 }

@@ -26,6 +26,9 @@ pub struct GenerateRequest {
     pub stop_ids: Vec<u32>,
     /// Keep every step's full logits in the output.
     pub keep_logits: bool,
+    /// Record the routed experts of every position fed (prompt, then generated tokens but the
+    /// last), per MoE layer, ascending.
+    pub record_routing: bool,
     /// KV block size in tokens.
     pub block_size: usize,
 }
@@ -40,6 +43,9 @@ pub struct GenerateOutput {
     pub logits: Vec<Vec<Vec<f32>>>,
     /// Per sequence: hit a stop id (`true`) or the length limit.
     pub stopped: Vec<bool>,
+    /// Per sequence, per position fed, per MoE layer: the routed experts ascending (only with
+    /// `record_routing`).
+    pub routed_experts: Vec<Vec<Vec<Vec<u32>>>>,
     /// Wall time of every world step on this rank, in seconds (step 0 is the prompt prefill).
     pub step_s: Vec<f64>,
 }
@@ -72,6 +78,7 @@ pub fn generate_on_rank(
         generated: vec![Vec::new(); n_seq],
         logits: vec![Vec::new(); n_seq],
         stopped: vec![false; n_seq],
+        routed_experts: vec![Vec::new(); n_seq],
         step_s: Vec::new(),
     };
     // Per sequence: next input tokens and their start position.
@@ -80,7 +87,7 @@ pub fn generate_on_rank(
     let opts = RankForwardOptions::from(ForwardOptions {
         logits: LogitsMode::LastPerSeq,
         record_hidden: false,
-        record_routing: false,
+        record_routing: req.record_routing,
     });
     loop {
         let step_started = std::time::Instant::now();
@@ -98,7 +105,13 @@ pub fn generate_on_rank(
                 block_table: &tables[s],
             })
             .collect();
-        let fwd = model.forward(&seqs, &mut cache, world, group, &opts)?;
+        let mut fwd = model.forward(&seqs, &mut cache, world, group, &opts)?;
+        if req.record_routing {
+            let mut rows = fwd.routed_experts.drain(..);
+            for &s in &active {
+                out.routed_experts[s].extend(rows.by_ref().take(pending[s].0.len()));
+            }
+        }
         let v = model.config().vocab_size;
         for (i, &s) in active.iter().enumerate() {
             let logits = &fwd.logits[i * v..(i + 1) * v];

@@ -88,6 +88,7 @@ pub fn reference_generate(
         generated: vec![Vec::new()],
         logits: vec![Vec::new()],
         stopped: vec![false],
+        routed_experts: vec![Vec::new()],
         step_s: Vec::new(),
     };
     let (mut tokens, mut pos) = (prompt.to_vec(), 0);
