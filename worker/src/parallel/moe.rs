@@ -45,6 +45,7 @@ struct Dispatch {
 
 /// What arrived: expert inputs `[records, hidden]`, one assignment per (record, expert) with
 /// weight 1 (the sender weights), and the assignment count per source rank.
+#[derive(Debug)]
 struct Received {
     x: Vec<f32>,
     assign: Vec<Assignment>,
@@ -269,5 +270,60 @@ impl EpMoe {
             }
         }
         Ok(Received { x, assign, per_src })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::random::random_source;
+    use fathom_common::ids::Epoch;
+    use fathom_common::plan::PlanSpec;
+
+    fn moe() -> (EpMoe, usize) {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let src = random_source(&cfg, 3);
+        let plan = ParallelPlan::build(&PlanSpec::new(Epoch(0), 2, 1), &cfg).unwrap();
+        let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).unwrap();
+        (EpMoe::load(&src, &cfg, &plan, 0, layer).unwrap(), cfg.hidden_size)
+    }
+
+    #[test]
+    fn malformed_dispatch_names_the_sender() {
+        let (m, h) = moe();
+        // From rank 1: a record claiming 2 experts but carrying only half a row.
+        let mut words = vec![0u32, 2, 0, 1];
+        words.extend(std::iter::repeat_n(0u32, h / 2));
+        let err = m.unpack_dispatch(&words, &[0, words.len()], 7).unwrap_err();
+        assert!(
+            matches!(err, ParallelError::Protocol { layer: 7, rank: 1, .. }),
+            "unexpected: {err}"
+        );
+        // Zero experts, and more experts than top_k, are refused too.
+        let zero = vec![0u32, 0];
+        assert!(m.unpack_dispatch(&zero, &[2, 0], 7).is_err());
+        let many = vec![0u32, (m.top_k + 1) as u32];
+        assert!(m.unpack_dispatch(&many, &[2, 0], 7).is_err());
+    }
+
+    #[test]
+    fn well_formed_dispatch_round_trips() {
+        let (m, h) = moe();
+        let mut words = vec![3u32, 1, 0];
+        words.extend((0..h).map(|i| (i as f32).to_bits()));
+        let rx = m.unpack_dispatch(&words, &[0, words.len()], 1).unwrap();
+        assert_eq!(rx.per_src, vec![0, 1]);
+        assert_eq!(rx.assign, vec![Assignment { token: 0, expert: 0, weight: 1.0 }]);
+        assert_eq!(rx.x, (0..h).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn slices_cover_the_tokens_once() {
+        for n in 0..10 {
+            for t in 1..5 {
+                let rows: Vec<usize> = (0..t).flat_map(|k| slice_rows(n, t, k)).collect();
+                assert_eq!(rows, (0..n).collect::<Vec<_>>(), "n={n} t={t}");
+            }
+        }
     }
 }
