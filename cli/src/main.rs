@@ -1,11 +1,12 @@
 //! `fathom`: the one binary. Parses arguments, sets up logging, maps errors to one line on stderr
-//! and a non-zero exit. All behaviour lives in the library crates.
+//! and a non-zero exit. All behaviour lives in the library crates and the per-command modules.
 
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_comm;
 mod bench_parallel;
+mod checkpoint;
 mod generate;
 mod generate_parallel;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// Synthesize or inspect checkpoints.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// One-shot generation (CLI.md).
     Generate(generate::GenerateArgs),
     /// One rank of a `generate --comm tcp` world (started by `fathom generate`).
@@ -31,28 +34,38 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// Prints an error as one line on stderr and exits non-zero.
-fn exit_on_error(r: anyhow::Result<()>) {
-    if let Err(e) = r {
-        // The chain on one line, skipping causes the message above already quotes.
-        let mut line = e.to_string();
-        for cause in e.chain().skip(1) {
-            let c = cause.to_string();
-            if !line.contains(&c) {
-                line = format!("{line}: {c}");
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors: one line on stderr (CLI.md); --help and --version print as usual.
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("fathom: {}", line.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Version => {
+            println!("fathom {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Checkpoint(args) => checkpoint::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Rank(args) => generate_parallel::run_rank_cmd(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    if let Err(e) = result {
+        // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are
+        // not repeated.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1).map(|c| c.to_string()) {
+            if !msg.contains(&cause) {
+                msg = format!("{msg}: {cause}");
             }
         }
-        eprintln!("fathom: error: {line}");
+        eprintln!("fathom: {}", msg.replace('\n', " "));
         std::process::exit(1);
-    }
-}
-
-fn main() {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
-        Command::Generate(args) => exit_on_error(generate::run(args)),
-        Command::Rank(args) => exit_on_error(generate_parallel::run_rank_cmd(args)),
-        Command::Bench(cmd) => exit_on_error(bench::run(cmd)),
     }
 }

@@ -4,7 +4,9 @@
 //! Owns: the rank/group arithmetic, the expert placement ([`ExpertPlacement`]: logical expert →
 //! replicas `(rank, slot)`), the policy that builds it ([`placement`]), the per-token replica
 //! choice, and validation. Pure data (serde): it travels in the plan epoch through etcd and
-//! gRPC, and every receiver re-validates it ([`ParallelPlan::validate`]). Does not own: who the
+//! gRPC, and every receiver re-validates it ([`ParallelPlan::validate`]). Changing a placement
+//! while serving: measured load and balancedness ([`load`]), `experts set` / `rebalance`
+//! ([`rebalance`]). Does not own: who the
 //! ranks are (membership), communicators (kernels `comm`), loading the experts (worker).
 //!
 //! Layout rules:
@@ -25,7 +27,9 @@
 //! `slots_per_rank` and no two replicas share a (rank, slot); each rank holds at most its even
 //! share plus `redundant_slots_per_rank` experts per layer.
 
+pub mod load;
 pub mod placement;
+pub mod rebalance;
 #[cfg(test)]
 mod tests;
 
@@ -34,7 +38,9 @@ use crate::ids::{Epoch, ExpertId, Rank};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use load::{Balance, ExpertError, LayerCounts, LoadWindow};
 pub use placement::{PinnedReplicas, PlanSpec};
+pub use rebalance::{PlacementChange, RebalanceReport, ReplicaRequest};
 
 /// Why a plan could not be built or is not valid. Each variant names the layer/expert/rank.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -58,3 +58,7 @@ __device__ __forceinline__ float ceil_pow2(float r) {
     if (bits & 0x7fffffu) e += 1u;
     return __uint_as_float(e << 23);
 }
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif

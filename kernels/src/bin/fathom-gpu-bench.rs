@@ -6,7 +6,12 @@
 //! `inner` calls captured in a CUDA graph and replayed `reps` times between CUDA events; the
 //! median replay divided by `inner` is reported (eager launches are timed too, for reference).
 //!
-//! Usage: fathom-gpu-bench [--lib-dir DIR]... [--cache-dir DIR] [--out-dir DIR] [--quick]
+//! Usage: fathom-gpu-bench [--lib-dir DIR]... [--cache-dir DIR] [--out-dir DIR] [--quick] [--ops]
+//!
+//! `--ops` times the model ops instead (module `gpu_bench/ops.rs`, table `ops.md`).
+
+#[path = "gpu_bench/ops.rs"]
+mod ops;
 
 use std::error::Error;
 use std::fmt::Write as _;
@@ -31,10 +36,11 @@ struct Args {
     cache_dir: Option<PathBuf>,
     out_dir: Option<PathBuf>,
     quick: bool,
+    ops: bool,
 }
 
 fn parse_args() -> Res<Args> {
-    let mut a = Args { lib_dirs: vec![], cache_dir: None, out_dir: None, quick: false };
+    let mut a = Args { lib_dirs: vec![], cache_dir: None, out_dir: None, quick: false, ops: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -43,6 +49,7 @@ fn parse_args() -> Res<Args> {
             "--cache-dir" => a.cache_dir = Some(value("--cache-dir")?.into()),
             "--out-dir" => a.out_dir = Some(value("--out-dir")?.into()),
             "--quick" => a.quick = true,
+            "--ops" => a.ops = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -364,6 +371,14 @@ fn main() -> Res<()> {
         info.total_memory as f64 / (1u64 << 30) as f64,
         t0.elapsed().as_secs_f64() * 1e3
     )?;
+    if args.ops {
+        let table = ops::ops_bench(&dev, if args.quick { 5 } else { 15 })?;
+        if let Some(dir) = &args.out_dir {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("ops.md"), format!("{md}\n{table}"))?;
+        }
+        return Ok(());
+    }
     let bench = Bench {
         dev: &dev,
         blas: BlasGemm::new(&dev)?,

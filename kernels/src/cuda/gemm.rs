@@ -70,6 +70,43 @@ impl BlasGemm {
         unsafe { self.blas.gemm(cfg, w, x, y) }
             .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
     }
+
+    /// [`Self::gemm_bf16`] over views (sub-ranges of larger buffers, e.g. one expert's rows of a
+    /// permuted activation buffer and one expert's slice of a stacked weight).
+    pub fn gemm_bf16_view<X, W, Y>(
+        &self,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError>
+    where
+        X: DevicePtr<bf16>,
+        W: DevicePtr<bf16>,
+        Y: DevicePtrMut<bf16>,
+    {
+        const OP: &str = "gemm_bf16_view";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: to_i32(OP, "n", n)?,
+            n: to_i32(OP, "m", m)?,
+            k: to_i32(OP, "k", k)?,
+            alpha: bf16::ONE,
+            lda: to_i32(OP, "k", k)?,
+            ldb: to_i32(OP, "k", k)?,
+            beta: bf16::ZERO,
+            ldc: to_i32(OP, "n", n)?,
+        };
+        // SAFETY: the three views were checked against the shapes the config describes.
+        unsafe { self.blas.gemm(cfg, w, x, y) }
+            .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
+    }
 }
 
 /// bf16 GEMM through cuBLASLt (32 MiB workspace, heuristic algorithm), on the device stream.

@@ -2,8 +2,9 @@
 //!
 //! Owns: opening a GPU through cudarc with every CUDA library loaded at run time (the binary
 //! links none of them), compiling the CUDA C++ of `kernels/cuda/` with NVRTC for the device's
-//! architecture (cached on disk), the first device ops (RMSNorm, FP8 activation quantisation,
-//! FP8 block dequantisation), bf16 and FP8 block-scaled GEMMs, and raw NCCL communicators.
+//! architecture (cached on disk), the device ops (RMSNorm, FP8 quantisation, and every op of the
+//! CPU set: embedding, LayerNorm, RoPE, SiLU·mul, router, indexer, top-k, sparse MLA decode, MoE
+//! permutation/experts/combine, argmax), bf16 and FP8 block-scaled GEMMs, and raw NCCL communicators.
 //!
 //! Does not own: model structure, weight loading, the `Collective` trait (kernels::comm), or
 //! where library and cache directories come from (the binary's `main` passes them in; nothing
@@ -22,6 +23,10 @@ pub mod nccl;
 pub use nccl::{NcclComm, NcclUniqueId};
 mod nvrtc;
 mod ops;
+mod ops_attn;
+mod ops_model;
+mod ops_moe;
+mod ops_select;
 pub mod sources;
 
 pub use cudarc;
@@ -31,4 +36,7 @@ pub use gemm::{ActScaleLayout, BlasGemm, Fp8Gemm, LtBf16Gemm, WeightScaleLayout}
 pub use libs::{CudaLib, PreloadedLibraries, preload_libraries, require_libraries};
 pub use nvrtc::{KernelCache, compile_cubin, nvrtc_version};
 pub use ops::Ops;
+pub use ops_attn::MlaDecodeShape;
+pub use ops_model::{RopeLayout, RopeShape};
+pub use ops_moe::{MoeScratch, MoeShape, moe_experts_bf16};
 pub use sources::KernelSource;

@@ -1,6 +1,13 @@
-//! [`Ops`]: the device's own kernels (RMSNorm, FP8 quantisation/dequantisation, random fills)
-//! with shape-checked launch wrappers. All launches go to the device stream given at load time.
+//! [`Ops`]: the device's own kernels with shape-checked launch wrappers. This file: loading,
+//! RMSNorm, FP8 quantisation/dequantisation, random fills. The model ops (one CPU twin each in
+//! `crate::cpu`) live in `ops_model.rs` (embedding, LayerNorm, RoPE, SiLU·mul, argmax, router),
+//! `ops_select.rs` (indexer scoring, top-k), `ops_attn.rs` (sparse MLA decode) and `ops_moe.rs`
+//! (expert permutation, grouped expert GEMM, combine). All launches go to the device stream
+//! given at load time; wrappers check every length they can see and return
+//! [`CudaError::Shape`], never panic. Device-resident indices (ids, positions, lengths) cannot be
+//! checked on the host: each kernel documents what it does with an out-of-range one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
@@ -26,21 +33,28 @@ pub struct Ops {
     fill_e4m3: CudaFunction,
     fill_f32: CudaFunction,
     copy: CudaFunction,
+    /// Kernels of the model-op sources, by name.
+    model: HashMap<&'static str, CudaFunction>,
 }
 
-fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &str,
+    got: usize,
+    want: usize,
+) -> Result<(), CudaError> {
     if got != want {
         return Err(CudaError::shape(op, format!("{what} has {got} elements, expected {want}")));
     }
     Ok(())
 }
 
-fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+pub(crate) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::shape(op, format!("{what} = {v} exceeds i32")))
 }
 
 /// Grid-stride launch over `n` elements: 256 threads, at most 4 blocks per SM-ish cap.
-fn grid_stride(n: usize) -> LaunchConfig {
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -69,6 +83,19 @@ impl Ops {
         let norm = load(&sources::NORM)?;
         let quant = load(&sources::QUANT)?;
         let fill = load(&sources::FILL)?;
+        let mut model = HashMap::new();
+        for src in [
+            &sources::ELEMENTWISE,
+            &sources::ROUTER,
+            &sources::TOPK,
+            &sources::INDEXER,
+            &sources::MLA,
+            &sources::MOE,
+        ] {
+            for (name, f) in src.kernels.iter().zip(load(src)?) {
+                model.insert(*name, f);
+            }
+        }
         Ok(Self {
             stream: stream.clone(),
             rmsnorm: norm[0].clone(),
@@ -80,7 +107,20 @@ impl Ops {
             fill_e4m3: fill[1].clone(),
             fill_f32: fill[2].clone(),
             copy: fill[3].clone(),
+            model,
         })
+    }
+
+    /// A model-op kernel by its `extern "C"` name (every name of the model sources is loaded).
+    pub(crate) fn model_fn(&self, name: &'static str) -> Result<&CudaFunction, CudaError> {
+        self.model
+            .get(name)
+            .ok_or_else(|| CudaError::shape("Ops", format!("kernel {name} is not loaded")))
+    }
+
+    /// The stream every launch goes to.
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, fp32 math.

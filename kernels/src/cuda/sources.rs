@@ -38,5 +38,62 @@ pub const FILL: KernelSource = KernelSource {
     kernels: &["fill_uniform_bf16", "fill_uniform_e4m3", "fill_uniform_f32", "copy_16b"],
 };
 
+/// Embedding gather, LayerNorm with bias, RoPE (both layouts), SiLU·mul, greedy argmax.
+pub const ELEMENTWISE: KernelSource = KernelSource {
+    name: "elementwise",
+    code: include_str!("../../cuda/elementwise.cu"),
+    kernels: &[
+        "embedding_gather_bf16",
+        "layernorm_bf16",
+        "rope_bf16",
+        "rope_f32",
+        "silu_mul_bf16",
+        "silu_mul_f32",
+        "argmax_f32",
+    ],
+};
+
+/// The sigmoid group-limited MoE router, one warp per token.
+pub const ROUTER: KernelSource = KernelSource {
+    name: "router",
+    code: include_str!("../../cuda/router.cu"),
+    kernels: &["router_select"],
+};
+
+/// Exact radix top-k over rows with the fixed tie rule.
+pub const TOPK: KernelSource = KernelSource {
+    name: "topk",
+    code: include_str!("../../cuda/topk.cu"),
+    kernels: &["topk_rows_f32"],
+};
+
+/// Lightning-indexer scoring (bf16 keys and queries).
+pub const INDEXER: KernelSource = KernelSource {
+    name: "indexer",
+    code: include_str!("../../cuda/indexer.cu"),
+    kernels: &[
+        "indexer_scores_bf16_d128",
+        "indexer_scores_bf16_d64",
+        "indexer_scores_bf16_d32",
+        "indexer_mma_bf16_d128",
+        "indexer_mma_bf16_d64",
+        "indexer_mma_bf16_d32",
+    ],
+};
+
+/// Sparse MLA decode (absorbed form, bf16 latent) and its split combine.
+pub const MLA: KernelSource = KernelSource {
+    name: "mla",
+    code: include_str!("../../cuda/mla.cu"),
+    kernels: &["mla_sparse_decode_bf16", "mla_combine", "mla_sparse_decode_mma_bf16"],
+};
+
+/// MoE token permutation, gather and weighted combine.
+pub const MOE: KernelSource = KernelSource {
+    name: "moe",
+    code: include_str!("../../cuda/moe.cu"),
+    kernels: &["moe_plan", "moe_gather_bf16", "moe_combine_bf16"],
+};
+
 /// Every source, in load order.
-pub const ALL: &[KernelSource] = &[NORM, QUANT, FILL];
+pub const ALL: &[KernelSource] = &[NORM, QUANT, FILL, ELEMENTWISE, ROUTER, TOPK, INDEXER, MLA, MOE];
