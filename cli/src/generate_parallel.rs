@@ -7,6 +7,8 @@
 //!   child processes `fathom rank --rendezvous ADDR --rank R ...` (explicit flags, no
 //!   environment), which connect with `TcpComm`. A child that fails or dies makes rank 0's
 //!   collectives fail naming it; the parent then kills the children it started and reports.
+//!   Children open the checkpoint with the mmap `CheckpointReader`, so each reads only its own
+//!   tensors (rank 0 uses what `generate` already loaded).
 //!
 //! Group 0 generates the request; with D = W/T > 1 the other groups step with empty batches
 //! (they serve their experts). Greedy or seeded sampling (identical on every rank).
@@ -18,7 +20,8 @@ use fathom_common::plan::{ParallelPlan, PlanSpec};
 use fathom_kernels::comm::{Collective, CommOptions, TcpComm, TcpRendezvous};
 use fathom_worker::parallel::{GenerateRequest, RankModel, generate_on_rank, run_local};
 use fathom_worker::sampling::SamplingParams;
-use fathom_worker::weights::MemorySource;
+use fathom_worker::weights::TensorSource;
+use fathom_worker::weights::reader::CheckpointReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -103,7 +106,7 @@ pub fn generate(
     args: &ParallelArgs,
     model_dir: &Path,
     cfg: &ModelConfig,
-    src: &MemorySource,
+    src: &dyn TensorSource,
     job: &Job,
 ) -> Result<Generated> {
     let w = args.world_size;
@@ -150,7 +153,7 @@ pub fn generate(
 /// One rank over an established world communicator: load, split, generate.
 fn run_rank(
     cfg: &ModelConfig,
-    src: &MemorySource,
+    src: &dyn TensorSource,
     plan: &ParallelPlan,
     world: &mut TcpComm,
     job: &Job,
@@ -287,7 +290,9 @@ fn parse_csv(flag: &str, s: &str) -> Result<Vec<u32>> {
 }
 
 pub fn run_rank_cmd(a: RankArgs) -> Result<()> {
-    let (cfg, src) = crate::generate::load_model_dir(&a.model)?;
+    // Memory-mapped: this rank reads only the bytes of its own tensors and slices.
+    let src = CheckpointReader::open(&a.model)?;
+    let cfg = src.config().clone();
     let plan = plan_for(&cfg, a.world_size, a.tp, a.redundant_slots)?;
     let job = Job {
         prompt_ids: parse_csv("--prompt-ids", &a.prompt_ids)?,
