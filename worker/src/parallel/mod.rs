@@ -25,6 +25,18 @@
 //! - Numerics: the fp32 weighted sum of expert outputs runs on the routing rank in ascending
 //!   expert order, as the one-rank model does; only the TP partial sums change summation order.
 
+//!
+//! Use from a worker process (one rank):
+//! ```text
+//! let plan: ParallelPlan = ...;                          // the epoch's plan, validated
+//! let model = RankModel::load(cfg, &reader, &plan, rank)?;   // reads only this rank's bytes
+//! let mut world: Box<dyn Collective> = TcpComm / LocalComm / NCCL for W ranks;
+//! let mut group = world.split(&plan.groups())?.unwrap();  // this rank's attention group
+//! let mut cache = model.new_cache(block_size, num_blocks)?;
+//! every step, on every rank:  model.forward(&my_group_seqs, &mut cache, world, group, &opts)?
+//! ```
+//! or [`generate_on_rank`] for a whole request loop.
+
 mod counting;
 mod generate;
 mod layer;
