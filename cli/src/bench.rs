@@ -19,6 +19,8 @@ pub enum BenchCommand {
     Decode(DecodeArgs),
     /// TcpComm all-reduce and all-to-all bandwidth over loopback.
     Comm(crate::bench_comm::Args),
+    /// Sharded decode tokens/s over W threads (LocalComm), per layout WxT.
+    ParallelDecode(crate::bench_parallel::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +63,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Decode(a) => decode(a),
         BenchCommand::Comm(a) => crate::bench_comm::run(&a),
+        BenchCommand::ParallelDecode(a) => crate::bench_parallel::run(&a),
     }
 }
 

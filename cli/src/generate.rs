@@ -60,6 +60,9 @@ pub struct GenerateArgs {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = fathom_worker::kv::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
+    /// --world-size, --tp, --comm (`generate_parallel.rs`).
+    #[command(flatten)]
+    parallel: crate::generate_parallel::ParallelArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -246,6 +249,30 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.ignore_eos {
         stop.extend(cfg.eos_ids());
     }
+    if args.parallel.is_parallel() {
+        let job = crate::generate_parallel::Job {
+            prompt_ids: prompt_ids.clone(),
+            max_new_tokens: args.max_new_tokens,
+            stop_ids: stop.iter().copied().collect(),
+            block_size: args.block_size,
+            record_routing: args.return_routed_experts,
+        };
+        let (generated, logits, routed) =
+            crate::generate_parallel::generate(&args.parallel, &args.model, &cfg, &src, &job)?;
+        let finish =
+            if generated.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
+        let steps =
+            logits.iter().map(|l| Step { top: top_logits(l, args.logits_topk.unwrap_or(0)) });
+        return emit(
+            &args,
+            tokenizer.as_ref(),
+            prompt_ids,
+            generated,
+            finish,
+            steps.collect(),
+            routed,
+        );
+    }
     let shard = ShardSpec { load_mtp: false, ..ShardSpec::full(&cfg) };
     let model = Model::load(&src, cfg, shard)?;
     drop(src);
@@ -283,7 +310,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             break;
         }
     }
-    let text = match &tokenizer {
+    emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, steps, routed)
+}
+
+/// Prints the result (JSON, text, or ids).
+fn emit(
+    args: &GenerateArgs,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    prompt_ids: Vec<u32>,
+    generated: Vec<u32>,
+    finish: &'static str,
+    steps: Vec<Step>,
+    routed: Vec<Vec<Vec<u32>>>,
+) -> Result<()> {
+    let text = match tokenizer {
         Some(t) => t.decode(&generated, false).map_err(|e| anyhow!("decoding the output: {e}"))?,
         None => String::new(),
     };

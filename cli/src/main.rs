@@ -5,8 +5,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_comm;
+mod bench_parallel;
 mod checkpoint;
 mod generate;
+mod generate_parallel;
 
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
@@ -24,6 +26,9 @@ enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// One-shot generation (CLI.md).
     Generate(generate::GenerateArgs),
+    /// One rank of a `generate --comm tcp` world (started by `fathom generate`).
+    #[command(hide = true)]
+    Rank(generate_parallel::RankArgs),
     /// Benchmarks; records worth keeping go to docs/perf/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -48,6 +53,7 @@ fn main() {
         }
         Command::Checkpoint(args) => checkpoint::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Rank(args) => generate_parallel::run_rank_cmd(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {

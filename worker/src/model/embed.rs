@@ -27,6 +27,34 @@ impl Embedding {
         Ok(Self { weight: load::exact(src, name, &[vocab, hidden])?, vocab, hidden })
     }
 
+    /// Vocab-parallel part: rows `rows` of the table. [`Self::lookup_part`] gives this part's
+    /// contribution; the group all-reduces the parts.
+    pub fn load_rows(
+        src: &dyn TensorSource,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(Self, usize), ModelError> {
+        let weight = load::slice(src, name, &[vocab, hidden], 0, rows.start, rows.end)?;
+        Ok((Self { weight, vocab: rows.len(), hidden }, rows.start))
+    }
+
+    /// `[tokens.len(), hidden]`: the row of every token in `[start, start + held rows)`, zeros
+    /// for the others (`start` = the first vocabulary row held).
+    pub fn lookup_part(&self, tokens: &[u32], start: usize) -> Vec<f32> {
+        let mut out = vec![0.0; tokens.len() * self.hidden];
+        for (i, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            if t >= start && t < start + self.vocab {
+                let r = t - start;
+                out[i * self.hidden..(i + 1) * self.hidden]
+                    .copy_from_slice(&self.weight[r * self.hidden..(r + 1) * self.hidden]);
+            }
+        }
+        out
+    }
+
     /// `[tokens.len(), hidden]`. Ids were validated against the vocabulary by the caller.
     pub fn lookup(&self, tokens: &[u32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(tokens.len() * self.hidden);
@@ -57,6 +85,24 @@ impl LmHead {
         hidden: usize,
     ) -> Result<Self, ModelError> {
         Ok(Self { weight: load::exact(src, name, &[vocab, hidden])?, vocab, hidden })
+    }
+
+    /// Vocab-parallel part: rows `rows` of the head; [`Self::logits`] then gives
+    /// `[rows, rows.len()]`, this part's columns of the logits.
+    pub fn load_rows(
+        src: &dyn TensorSource,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Self, ModelError> {
+        let weight = load::slice(src, name, &[vocab, hidden], 0, rows.start, rows.end)?;
+        Ok(Self { weight, vocab: rows.len(), hidden })
+    }
+
+    /// Vocabulary rows held.
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// `x` `[rows, hidden]` (already final-normed) → logits `[rows, vocab]`.

@@ -60,6 +60,44 @@ impl Experts {
         self.local.keys().copied().collect()
     }
 
+    /// Expert-parallel form: `Expert_{a.expert}(x[a.token])` for every assignment, unweighted,
+    /// as `[assignments.len(), hidden]` in assignment order (the caller weights and sums, so the
+    /// order of the fp32 sum stays the caller's). Tokens of one expert run as one GEMM.
+    pub fn compute_each(
+        &self,
+        x: &[f32],
+        assignments: &[Assignment],
+        layer: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let h = self.hidden;
+        let mut by_expert: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, a) in assignments.iter().enumerate() {
+            if !self.local.contains_key(&a.expert) {
+                return Err(ModelError::ExpertNotLoaded { layer, expert: a.expert });
+            }
+            by_expert.entry(a.expert).or_default().push(i);
+        }
+        let results: Vec<(Vec<usize>, Vec<f32>)> = by_expert
+            .into_par_iter()
+            .map(|(e, list)| {
+                let mut rows = Vec::with_capacity(list.len() * h); // [m, hidden]
+                for &i in &list {
+                    let t = assignments[i].token as usize;
+                    rows.extend_from_slice(&x[t * h..(t + 1) * h]);
+                }
+                let y = self.local[&e].forward(&rows); // [m, hidden]
+                (list, y)
+            })
+            .collect();
+        let mut out = vec![0.0; assignments.len() * h];
+        for (list, y) in results {
+            for (k, &i) in list.iter().enumerate() {
+                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
+            }
+        }
+        Ok(out)
+    }
+
     /// `out[a.token] += a.weight · Expert_{a.expert}(x[a.token])` for every assignment.
     /// `x` `[n, hidden]`, `out` `[n, hidden]`. An expert not held here is an error (`layer` names
     /// it).

@@ -39,6 +39,37 @@ impl SwiGlu {
         Ok(Self { gate_up, down, hidden, inner })
     }
 
+    /// Loads the tensor-parallel part `inner_range` of the inner dimension: those rows of
+    /// `gate_proj`/`up_proj` and those columns of `down_proj`. Its output is a partial sum over
+    /// the inner dimension that the group all-reduces.
+    pub fn load_split(
+        src: &dyn TensorSource,
+        prefix: &str,
+        hidden: usize,
+        inner: usize,
+        inner_range: std::ops::Range<usize>,
+    ) -> Result<Self, ModelError> {
+        if inner_range.start >= inner_range.end || inner_range.end > inner {
+            return Err(ModelError::Shard(format!(
+                "{prefix}: inner range {inner_range:?} is not a non-empty part of 0..{inner}"
+            )));
+        }
+        let (a, b) = (inner_range.start, inner_range.end);
+        let mut gate_up =
+            load::slice(src, &format!("{prefix}.gate_proj.weight"), &[inner, hidden], 0, a, b)?;
+        gate_up.extend(load::slice(
+            src,
+            &format!("{prefix}.up_proj.weight"),
+            &[inner, hidden],
+            0,
+            a,
+            b,
+        )?);
+        let down =
+            load::slice(src, &format!("{prefix}.down_proj.weight"), &[hidden, inner], 1, a, b)?;
+        Ok(Self { gate_up, down, hidden, inner: b - a })
+    }
+
     /// `x` `[n, hidden]` → `[n, hidden]`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.hidden;

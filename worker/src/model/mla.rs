@@ -135,6 +135,38 @@ impl Mla {
         self.heads.clone()
     }
 
+    /// The DSA top-k of every token row of the step (`x` as given to [`Self::forward`]),
+    /// recomputed from the indexer keys already in `cache` — call it after `forward` wrote the
+    /// step. For checks that replicated indexers agree across ranks.
+    pub fn index_selection(
+        &self,
+        x: &[f32],
+        ctx: &StepCtx,
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        let n = ctx.n_tokens();
+        let cq = matmul_t(x, &self.q_a, n, self.q_lora, self.hidden); // [n, q_lora]
+        let mut qr = vec![0.0; cq.len()];
+        rms_norm(&cq, &self.q_a_norm, self.eps, self.q_lora, &mut qr);
+        let ip = self.indexer.project(x, &qr, ctx);
+        let idim = self.indexer.dim();
+        let mut out = vec![Vec::new(); n];
+        for (s, seq) in ctx.seqs.iter().enumerate() {
+            let end = seq.start_pos + seq.tokens.len();
+            let keys = cache.read_index(layer, seq.block_table, end)?; // [end, index_dim]
+            for r in ctx.seq_rows(s) {
+                let p = ctx.positions[r];
+                out[r] = self.indexer.select(
+                    &ip.q[r * ip.q.len() / n..(r + 1) * ip.q.len() / n],
+                    &ip.w[r * ip.w.len() / n..(r + 1) * ip.w.len() / n],
+                    &keys[..(p + 1) * idim],
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// `x` `[n, hidden]` (attention-norm output) → partial attention output `[n, hidden]` over
     /// this rank's heads. Writes the step's latents and indexer keys into `cache` layer `layer`
     /// first, then attends (so a token sees itself and every earlier position).

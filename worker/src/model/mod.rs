@@ -18,7 +18,7 @@ pub mod ffn;
 pub mod gate;
 pub mod indexer;
 pub mod layer;
-mod load;
+pub(crate) mod load;
 pub mod mla;
 pub mod mtp;
 pub mod random;
@@ -251,39 +251,7 @@ impl Model {
 
     /// Checks a batch before anything runs (so a bad request leaves the cache untouched).
     fn validate(&self, seqs: &[SeqInput], cache: &PagedKvCache) -> Result<(), ModelError> {
-        let want =
-            CacheConfig::for_model(&self.cfg, cache.config().block_size, cache.config().num_blocks);
-        if *cache.config() != want {
-            return Err(ModelError::CacheMismatch(format!(
-                "cache {:?}, model needs {want:?}",
-                cache.config()
-            )));
-        }
-        for (s, seq) in seqs.iter().enumerate() {
-            if seq.tokens.is_empty() {
-                return Err(ModelError::EmptySequence { seq: s });
-            }
-            for (i, &id) in seq.tokens.iter().enumerate() {
-                if id as usize >= self.cfg.vocab_size {
-                    return Err(ModelError::TokenOutOfVocab {
-                        seq: s,
-                        pos: seq.start_pos + i,
-                        id,
-                        vocab: self.cfg.vocab_size,
-                    });
-                }
-            }
-            let end = seq.start_pos + seq.tokens.len();
-            if end > self.cfg.max_position_embeddings {
-                return Err(ModelError::ContextTooLong {
-                    seq: s,
-                    end,
-                    max: self.cfg.max_position_embeddings,
-                });
-            }
-            cache.check_table(seq.block_table, end)?;
-        }
-        Ok(())
+        validate_batch(&self.cfg, seqs, cache)
     }
 
     /// One step over a batch of sequences: writes their new tokens into `cache` and returns the
@@ -369,4 +337,45 @@ impl Model {
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         mtp.forward(&self.embed, &tokens, hidden, &ctx, cache)
     }
+}
+
+/// Checks a batch against `cfg` and `cache` before anything runs (so a bad request leaves the
+/// cache untouched). Shared by [`Model`] and the sharded executor.
+pub(crate) fn validate_batch(
+    cfg: &ModelConfig,
+    seqs: &[SeqInput],
+    cache: &PagedKvCache,
+) -> Result<(), ModelError> {
+    let want = CacheConfig::for_model(cfg, cache.config().block_size, cache.config().num_blocks);
+    if *cache.config() != want {
+        return Err(ModelError::CacheMismatch(format!(
+            "cache {:?}, model needs {want:?}",
+            cache.config()
+        )));
+    }
+    for (s, seq) in seqs.iter().enumerate() {
+        if seq.tokens.is_empty() {
+            return Err(ModelError::EmptySequence { seq: s });
+        }
+        for (i, &id) in seq.tokens.iter().enumerate() {
+            if id as usize >= cfg.vocab_size {
+                return Err(ModelError::TokenOutOfVocab {
+                    seq: s,
+                    pos: seq.start_pos + i,
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+        }
+        let end = seq.start_pos + seq.tokens.len();
+        if end > cfg.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                seq: s,
+                end,
+                max: cfg.max_position_embeddings,
+            });
+        }
+        cache.check_table(seq.block_table, end)?;
+    }
+    Ok(())
 }

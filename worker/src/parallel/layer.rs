@@ -1,0 +1,135 @@
+//! One decoder block on one rank: attention over the rank's heads + all-reduce in the group,
+//! then a dense FFN split over the inner dimension + all-reduce in the group, or the
+//! expert-parallel MoE of `moe.rs`. Norms are replicated; the residual stream `h` is the same on
+//! every rank of the group before and after the block.
+
+use super::moe::EpMoe;
+use super::{ParallelError, RankForwardOptions, even_range};
+use crate::kv::PagedKvCache;
+use crate::model::StepCtx;
+use crate::model::ffn::SwiGlu;
+use crate::model::load;
+use crate::model::mla::Mla;
+use crate::weights::TensorSource;
+use fathom_common::ModelConfig;
+use fathom_common::ids::Rank;
+use fathom_common::plan::ParallelPlan;
+use fathom_kernels::comm::{Collective, CollectiveExt};
+use fathom_kernels::cpu::norm::rms_norm_new;
+
+#[derive(Debug)]
+enum RankFfn {
+    /// This rank's part of the dense MLP's inner dimension (partial output).
+    Dense(SwiGlu),
+    Moe(EpMoe),
+}
+
+#[derive(Debug)]
+pub(super) struct RankLayer {
+    index: usize,
+    attn_norm: Vec<f32>,
+    attn: Mla,
+    ffn_norm: Vec<f32>,
+    ffn: RankFfn,
+    hidden: usize,
+    eps: f32,
+}
+
+impl RankLayer {
+    /// Loads `model.layers.{index}.*` for `rank`: its heads, its FFN slice or its experts.
+    pub(super) fn load(
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        plan: &ParallelPlan,
+        rank: usize,
+        index: usize,
+    ) -> Result<Self, ParallelError> {
+        let p = format!("model.layers.{index}");
+        let h = cfg.hidden_size;
+        let r = Rank(rank as u32);
+        let ffn = if cfg.is_moe_layer(index) {
+            RankFfn::Moe(EpMoe::load(src, cfg, plan, rank, index)?)
+        } else {
+            let inner = cfg.intermediate_size;
+            let part = even_range(inner, plan.tp, plan.rank_in_group(r));
+            RankFfn::Dense(SwiGlu::load_split(src, &format!("{p}.mlp"), h, inner, part)?)
+        };
+        Ok(Self {
+            index,
+            attn_norm: load::exact(src, &format!("{p}.input_layernorm.weight"), &[h])?,
+            attn: Mla::load(src, cfg, &format!("{p}.self_attn"), plan.head_range(r))?,
+            ffn_norm: load::exact(src, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            ffn,
+            hidden: h,
+            eps: cfg.rms_norm_eps as f32,
+        })
+    }
+
+    /// Runs the block on `h` (`[n, hidden]`, updated in place; `n` may be 0). Returns, for a MoE
+    /// layer with routing recorded, each token's experts ascending.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(
+        &self,
+        h: &mut [f32],
+        ctx: &StepCtx,
+        cache: &mut PagedKvCache,
+        world: &mut dyn Collective,
+        group: &mut dyn Collective,
+        plan: &ParallelPlan,
+        opts: &RankForwardOptions,
+    ) -> Result<Option<Vec<Vec<u32>>>, ParallelError> {
+        let n = ctx.n_tokens();
+        if n > 0 {
+            let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
+            let mut a = self.attn.forward(&x, ctx, cache, self.index)?; // [n, hidden] partial
+            if opts.check_topk {
+                self.check_topk(&x, ctx, cache, group)?;
+            }
+            group.all_reduce_sum_f32(&mut a)?;
+            h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+        }
+        let x = rms_norm_new(h, &self.ffn_norm, self.eps, self.hidden);
+        let (f, routing) = match &self.ffn {
+            RankFfn::Dense(mlp) => {
+                if n == 0 {
+                    return Ok(None);
+                }
+                let mut f = mlp.forward(&x); // [n, hidden] partial
+                group.all_reduce_sum_f32(&mut f)?;
+                (f, None)
+            }
+            RankFfn::Moe(moe) => {
+                moe.forward(&x, self.index, world, group, plan, opts.base.record_routing)?
+            }
+        };
+        h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
+        Ok(routing)
+    }
+
+    /// Every rank of the group computes the indexer top-k of every token; a digest of them is
+    /// all-gathered and must be identical.
+    fn check_topk(
+        &self,
+        x: &[f32],
+        ctx: &StepCtx,
+        cache: &PagedKvCache,
+        group: &mut dyn Collective,
+    ) -> Result<(), ParallelError> {
+        let sel = self.attn.index_selection(x, ctx, cache, self.index)?;
+        let mut digest: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a over (row, count, ids)
+        for (r, ids) in sel.iter().enumerate() {
+            for v in [r as u32, ids.len() as u32].iter().chain(ids) {
+                for b in v.to_le_bytes() {
+                    digest = (digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+        }
+        let mut all = vec![0u64; group.world_size()];
+        group.all_gather_pod(&[digest], &mut all)?;
+        let differ: Vec<usize> = (0..all.len()).filter(|&k| all[k] != all[0]).collect();
+        if !differ.is_empty() {
+            return Err(ParallelError::Diverged { layer: self.index, ranks: differ });
+        }
+        Ok(())
+    }
+}

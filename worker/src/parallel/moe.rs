@@ -1,0 +1,329 @@
+//! Expert-parallel MoE of one layer on one rank (ARCHITECTURE §2, EP-DISPATCH design B on the
+//! host): the group's tokens are split into T contiguous slices; this rank routes its slice,
+//! sends each token once to every rank that owns one of its experts (the replica chosen by
+//! [`ParallelPlan::replica_for`] from the token's index in the slice), the owners run grouped
+//! expert GEMMs and send the unweighted outputs back, and the routing rank sums
+//! `weight · output` in fp32 in ascending expert order, adds the shared expert of its slice, and
+//! the group all-gathers the slices.
+//!
+//! Wire format (little-endian `u32` words, one all-to-all-v each way, over all W ranks):
+//! - dispatch, per destination, a sequence of records `[token, k, expert_1..expert_k,
+//!   x[hidden] as f32 bits]` — `token` is the index in the sender's slice, the experts are those
+//!   of this token that the destination serves, in routing order;
+//! - combine, per source, `[Σ k, hidden]` f32: the expert outputs in the order the records and
+//!   their experts arrived.
+//!
+//! Every rank calls both all-to-alls for every MoE layer, also with an empty slice.
+
+use super::ParallelError;
+use crate::model::experts::{Assignment, Experts};
+use crate::model::ffn::SwiGlu;
+use crate::model::gate::Router;
+use crate::weights::TensorSource;
+use fathom_common::ModelConfig;
+use fathom_common::ids::{ExpertId, Rank};
+use fathom_common::plan::ParallelPlan;
+use fathom_kernels::comm::{Collective, CollectiveExt};
+
+/// Routed experts of one layer held by this rank, plus the replicated router and shared expert.
+#[derive(Debug)]
+pub(super) struct EpMoe {
+    router: Router,
+    experts: Experts,
+    shared: Option<SwiGlu>,
+    hidden: usize,
+    top_k: usize,
+}
+
+/// The dispatch payload of one rank: `words` for the all-to-all, the word count per
+/// destination, and per destination the records sent (`(token, assignment indices)`).
+struct Dispatch {
+    words: Vec<u32>,
+    counts: Vec<usize>,
+    sent: Vec<Vec<(u32, Vec<usize>)>>,
+}
+
+/// What arrived: expert inputs `[records, hidden]`, one assignment per (record, expert) with
+/// weight 1 (the sender weights), and the assignment count per source rank.
+#[derive(Debug)]
+struct Received {
+    x: Vec<f32>,
+    assign: Vec<Assignment>,
+    per_src: Vec<usize>,
+}
+
+/// Output of [`EpMoe::forward`]: `[n, hidden]` and, when recorded, each token's experts.
+type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>);
+
+/// The rows of slice `k` of `n` tokens split over `t` ranks (ceil-sized, so the all-gather can
+/// use equal padded parts of `n.div_ceil(t)` rows).
+fn slice_rows(n: usize, t: usize, k: usize) -> std::ops::Range<usize> {
+    let per = n.div_ceil(t);
+    (k * per).min(n)..((k + 1) * per).min(n)
+}
+
+impl EpMoe {
+    /// Loads the router and shared expert (whole) and the experts the plan places on `rank` in
+    /// `layer`.
+    pub(super) fn load(
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        plan: &ParallelPlan,
+        rank: usize,
+        layer: usize,
+    ) -> Result<Self, ParallelError> {
+        let p = format!("model.layers.{layer}.mlp");
+        let h = cfg.hidden_size;
+        let ids: Vec<u32> =
+            plan.experts_on(layer, Rank(rank as u32)).into_iter().map(|(_, e)| e.0).collect();
+        let shared = if cfg.n_shared_experts > 0 {
+            Some(SwiGlu::load(
+                src,
+                &format!("{p}.shared_experts"),
+                h,
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            router: Router::load(src, cfg, &format!("{p}.gate"))?,
+            experts: Experts::load(src, &format!("{p}.experts"), &ids, cfg)?,
+            shared,
+            hidden: h,
+            top_k: cfg.num_experts_per_tok,
+        })
+    }
+
+    /// `x` `[n, hidden]` (the group's tokens, identical on the group's ranks) → `[n, hidden]`
+    /// routed + shared output on every rank of the group.
+    pub(super) fn forward(
+        &self,
+        x: &[f32],
+        layer: usize,
+        world: &mut dyn Collective,
+        group: &mut dyn Collective,
+        plan: &ParallelPlan,
+        record: bool,
+    ) -> Result<MoeOut, ParallelError> {
+        let h = self.hidden;
+        let n = x.len() / h;
+        let (t, k) = (group.world_size(), group.rank());
+        let mine = slice_rows(n, t, k);
+        let xs = &x[mine.start * h..mine.end * h]; // [m, hidden]
+        let m = mine.len();
+        let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
+
+        let Dispatch { words, counts, sent } =
+            self.pack_dispatch(xs, &assignments, layer, plan, world)?;
+        let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
+        let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
+        let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
+        let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
+        let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
+
+        // Row of `ret` holding the output of each assignment.
+        let mut row_of = vec![usize::MAX; assignments.len()];
+        let mut base = 0;
+        for (d, records) in sent.iter().enumerate() {
+            let expected: usize = records.iter().map(|(_, idx)| idx.len()).sum();
+            if ret_counts[d] != expected * h {
+                return Err(ParallelError::Protocol {
+                    layer,
+                    rank: d,
+                    what: format!(
+                        "combine returned {} values, expected {expected} rows of {h}",
+                        ret_counts[d]
+                    ),
+                });
+            }
+            for i in records.iter().flat_map(|(_, idx)| idx) {
+                row_of[*i] = base;
+                base += 1;
+            }
+        }
+
+        // fp32 weighted sum per token, ascending expert order (as the one-rank model).
+        let mut out = vec![0.0f32; m * h]; // [m, hidden]
+        let mut by_token: Vec<Vec<usize>> = vec![Vec::new(); m];
+        for (i, a) in assignments.iter().enumerate() {
+            by_token[a.token as usize].push(i);
+        }
+        for (tok, list) in by_token.iter_mut().enumerate() {
+            list.sort_by_key(|&i| assignments[i].expert);
+            let o = &mut out[tok * h..(tok + 1) * h];
+            for &i in list.iter() {
+                let y = &ret[row_of[i] * h..(row_of[i] + 1) * h];
+                let w = assignments[i].weight;
+                o.iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
+            }
+        }
+        if let (Some(shared), true) = (&self.shared, m > 0) {
+            out.iter_mut().zip(shared.forward(xs)).for_each(|(o, s)| *o += s);
+        }
+        if n == 0 {
+            return Ok((Vec::new(), record.then(Vec::new)));
+        }
+
+        // All-gather the slices in the group (padded to equal parts).
+        let per = n.div_ceil(t);
+        out.resize(per * h, 0.0);
+        let mut all = vec![0.0f32; t * per * h]; // [t, per, hidden]
+        group.all_gather_pod(&out, &mut all)?;
+        let mut full = Vec::with_capacity(n * h); // [n, hidden]
+        for j in 0..t {
+            let rows = slice_rows(n, t, j).len();
+            full.extend_from_slice(&all[j * per * h..(j * per + rows) * h]);
+        }
+        let routing = if record {
+            let kk = self.top_k;
+            let mut ids = vec![u32::MAX; per * kk]; // [per, top_k], padded with MAX
+            for (tok, list) in by_token.iter().enumerate() {
+                let mut e: Vec<u32> = list.iter().map(|&i| assignments[i].expert).collect();
+                e.sort_unstable();
+                ids[tok * kk..tok * kk + e.len()].copy_from_slice(&e);
+            }
+            let mut all_ids = vec![0u32; t * per * kk];
+            group.all_gather_pod(&ids, &mut all_ids)?;
+            let mut per_token = Vec::with_capacity(n);
+            for j in 0..t {
+                for r in 0..slice_rows(n, t, j).len() {
+                    let row = &all_ids[(j * per + r) * kk..(j * per + r + 1) * kk];
+                    per_token.push(row.iter().copied().filter(|&e| e != u32::MAX).collect());
+                }
+            }
+            Some(per_token)
+        } else {
+            None
+        };
+        Ok((full, routing))
+    }
+
+    /// Packs the dispatch records of this rank's slice.
+    fn pack_dispatch(
+        &self,
+        xs: &[f32],
+        assignments: &[Assignment],
+        layer: usize,
+        plan: &ParallelPlan,
+        world: &dyn Collective,
+    ) -> Result<Dispatch, ParallelError> {
+        let h = self.hidden;
+        let w = world.world_size();
+        let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
+        for (i, a) in assignments.iter().enumerate() {
+            let slot = plan.replica_for(layer, ExpertId(a.expert), a.token as usize)?;
+            let d = slot.rank.0 as usize;
+            match sent[d].last_mut() {
+                Some((tok, idx)) if *tok == a.token => idx.push(i),
+                _ => sent[d].push((a.token, vec![i])),
+            }
+        }
+        let mut words = Vec::new();
+        let mut counts = vec![0usize; w];
+        for (d, records) in sent.iter().enumerate() {
+            let start = words.len();
+            for (tok, idx) in records {
+                words.push(*tok);
+                words.push(idx.len() as u32);
+                words.extend(idx.iter().map(|&i| assignments[i].expert));
+                let t = *tok as usize;
+                words.extend(xs[t * h..(t + 1) * h].iter().map(|v| v.to_bits()));
+            }
+            counts[d] = words.len() - start;
+        }
+        Ok(Dispatch { words, counts, sent })
+    }
+
+    /// Parses the received records (checking every length against `counts`).
+    fn unpack_dispatch(
+        &self,
+        recv: &[u32],
+        counts: &[usize],
+        layer: usize,
+    ) -> Result<Received, ParallelError> {
+        let h = self.hidden;
+        let mut x = Vec::new();
+        let mut assign = Vec::new();
+        let mut per_src = vec![0usize; counts.len()];
+        let mut pos = 0;
+        for (src, &c) in counts.iter().enumerate() {
+            let end = pos + c;
+            let bad = |what: String| ParallelError::Protocol { layer, rank: src, what };
+            while pos < end {
+                if pos + 2 > end {
+                    return Err(bad(format!("truncated record header at word {pos}")));
+                }
+                let k = recv[pos + 1] as usize;
+                if k == 0 || k > self.top_k || pos + 2 + k + h > end {
+                    return Err(bad(format!(
+                        "record at word {pos} has {k} experts or is truncated"
+                    )));
+                }
+                let record = (x.len() / h) as u32;
+                for &e in &recv[pos + 2..pos + 2 + k] {
+                    assign.push(Assignment { token: record, expert: e, weight: 1.0 });
+                }
+                x.extend(recv[pos + 2 + k..pos + 2 + k + h].iter().map(|&b| f32::from_bits(b)));
+                per_src[src] += k;
+                pos += 2 + k + h;
+            }
+        }
+        Ok(Received { x, assign, per_src })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::random::random_source;
+    use fathom_common::ids::Epoch;
+    use fathom_common::plan::PlanSpec;
+
+    fn moe() -> (EpMoe, usize) {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let src = random_source(&cfg, 3);
+        let plan = ParallelPlan::build(&PlanSpec::new(Epoch(0), 2, 1), &cfg).unwrap();
+        let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).unwrap();
+        (EpMoe::load(&src, &cfg, &plan, 0, layer).unwrap(), cfg.hidden_size)
+    }
+
+    #[test]
+    fn malformed_dispatch_names_the_sender() {
+        let (m, h) = moe();
+        // From rank 1: a record claiming 2 experts but carrying only half a row.
+        let mut words = vec![0u32, 2, 0, 1];
+        words.extend(std::iter::repeat_n(0u32, h / 2));
+        let err = m.unpack_dispatch(&words, &[0, words.len()], 7).unwrap_err();
+        assert!(
+            matches!(err, ParallelError::Protocol { layer: 7, rank: 1, .. }),
+            "unexpected: {err}"
+        );
+        // Zero experts, and more experts than top_k, are refused too.
+        let zero = vec![0u32, 0];
+        assert!(m.unpack_dispatch(&zero, &[2, 0], 7).is_err());
+        let many = vec![0u32, (m.top_k + 1) as u32];
+        assert!(m.unpack_dispatch(&many, &[2, 0], 7).is_err());
+    }
+
+    #[test]
+    fn well_formed_dispatch_round_trips() {
+        let (m, h) = moe();
+        let mut words = vec![3u32, 1, 0];
+        words.extend((0..h).map(|i| (i as f32).to_bits()));
+        let rx = m.unpack_dispatch(&words, &[0, words.len()], 1).unwrap();
+        assert_eq!(rx.per_src, vec![0, 1]);
+        assert_eq!(rx.assign, vec![Assignment { token: 0, expert: 0, weight: 1.0 }]);
+        assert_eq!(rx.x, (0..h).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn slices_cover_the_tokens_once() {
+        for n in 0..10 {
+            for t in 1..5 {
+                let rows: Vec<usize> = (0..t).flat_map(|k| slice_rows(n, t, k)).collect();
+                assert_eq!(rows, (0..n).collect::<Vec<_>>(), "n={n} t={t}");
+            }
+        }
+    }
+}
