@@ -7,6 +7,7 @@
 //! Does not own: model structure (the worker crate composes ops into layers), weight loading,
 //! scheduling. Nothing here reads environment variables.
 
+pub mod comm;
 pub mod cpu;
 pub mod tensor;
 
