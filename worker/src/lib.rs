@@ -6,4 +6,6 @@
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
+pub mod kv;
+pub mod model;
 pub mod weights;
