@@ -1,7 +1,8 @@
 //! `fathom-common`: the pure data types every other Fathom crate shares.
 //!
 //! Owns: [`ModelConfig`] (a typed mirror of a Hugging Face DeepSeek-V3.2 `config.json`, its
-//! validation, derived quantities and named presets), the cluster config file read by
+//! validation, derived quantities and named presets), the canonical checkpoint tensor list
+//! ([`tensors`]), the cluster config file read by
 //! `fathom coordinator|worker --config` ([`cluster`]), small id newtypes ([`ids`]), and the
 //! parallel layout and expert placement of a plan epoch ([`plan`]).
 //!
@@ -13,5 +14,6 @@ pub mod cluster;
 pub mod config;
 pub mod ids;
 pub mod plan;
+pub mod tensors;
 
 pub use config::{ConfigError, ModelConfig};

@@ -4,9 +4,26 @@
 //! f32 host tensors (FP8 blocks dequantized with `weight_scale_inv`, BF16/F16 widened). Asking
 //! for a slice along one dimension is how a rank loads only its shard (its heads, its experts'
 //! rows); a reader backed by mmap touches only the bytes of that slice where the dtype allows.
+//!
+//! Submodules: [`reader`] (HF safetensors checkpoints, mmap, validation against the tensor list
+//! of `fathom_common::tensors`), [`synth`] (deterministic synthetic checkpoints in the same
+//! format), [`tokenizer`] (the byte-level test tokenizer written beside them), [`inspect`]
+//! (parameter/byte summaries), [`fp8`] (e4m3 + ue8m0 block scales), [`rng`] and [`st_write`]
+//! (streaming safetensors writer).
 
 use fathom_kernels::Tensor;
 use std::collections::HashMap;
+
+pub mod fp8;
+pub mod inspect;
+pub mod reader;
+pub mod rng;
+pub mod st_write;
+pub mod synth;
+pub mod tokenizer;
+
+pub use reader::CheckpointReader;
+pub use synth::{SynthDtype, SynthOptions, synth_checkpoint};
 
 /// Why a tensor could not be provided. Every variant names the tensor (and file when known).
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +34,12 @@ pub enum WeightsError {
     Invalid { name: String, reason: String },
     #[error("{file}: {reason}")]
     File { file: String, reason: String },
+    #[error("tensor {name} in {file}: {reason}")]
+    Tensor { name: String, file: String, reason: String },
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+    #[error("{file}: {source}")]
+    Config { file: String, source: fathom_common::ConfigError },
 }
 
 /// A source of named f32 tensors.
