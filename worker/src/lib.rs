@@ -8,4 +8,5 @@
 
 pub mod kv;
 pub mod model;
+pub mod sampling;
 pub mod weights;
