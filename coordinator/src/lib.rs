@@ -5,3 +5,6 @@
 //!
 //! Never depends on `fathom-kernels` or any GPU code: the coordinator only does bookkeeping and
 //! messaging; activations never pass through it.
+
+pub mod membership;
+pub mod scheduler;
