@@ -97,7 +97,7 @@ impl Children {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        for (_, c) in self.0.drain(..).map(|(n, c)| (n, c)).collect::<Vec<_>>().iter_mut() {
+        for (_, mut c) in self.0.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -115,7 +115,7 @@ async fn bad_inputs_are_invalid_argument_with_a_message() {
     }
     // Oversize messages are refused by the transport limit (8 MiB).
     let huge = with(vec![1; 3_000_000], |_| {});
-    let err = client.generate(huge).await.err().expect("oversize accepted");
+    let Err(err) = client.generate(huge).await else { panic!("oversize accepted") };
     assert!(
         matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument),
         "{err:?}"

@@ -72,7 +72,7 @@ pub fn validate(
         return Err(invalid("temperature", format!("{t} must be finite and >= 0")));
     }
     let p = sampling.top_p;
-    if !p.is_finite() || p < 0.0 || p > 1.0 {
+    if !p.is_finite() || !(0.0..=1.0).contains(&p) {
         return Err(invalid("top_p", format!("{p} is outside (0, 1] (0 means unset)")));
     }
     if p == 0.0 {
@@ -96,7 +96,7 @@ pub fn validate(
             ),
         ));
     }
-    let o = req.options.clone().unwrap_or_default();
+    let o = req.options.unwrap_or_default();
     if o.top_logprobs > 20 {
         return Err(invalid("options.top_logprobs", format!("{} > 20", o.top_logprobs)));
     }
