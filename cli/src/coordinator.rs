@@ -4,15 +4,16 @@
 //! Reads the cluster config, applies flags, starts the engine and the gRPC server, and prints
 //! `fathom: serving on ADDR` on stdout once the first epoch serves. Exits on Ctrl-C or SIGTERM.
 //!
-//! Workers come from `--static-worker ID=HOST:PORT` (repeatable); membership through etcd is
-//! wired when the config names etcd endpoints and no static list is given.
+//! Workers come from `--static-worker ID=HOST:PORT` (repeatable), else from etcd membership
+//! (`membership.etcd_endpoints`), where plans are also published.
 
 use crate::worker::load_config;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fathom_common::cluster::ClusterConfig;
-use fathom_coordinator::directory::StaticDirectory;
+use fathom_coordinator::directory::{MembershipDirectory, StaticDirectory};
 use fathom_coordinator::engine::{ServingState, WorkerDirectory};
+use fathom_coordinator::membership::{EtcdMembership, EtcdOptions};
 use fathom_coordinator::server::{Coordinator, start};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,12 +111,19 @@ impl CoordinatorArgs {
             .unwrap_or(Duration::from_secs(cfg.worker.step_deadline_s))
     }
 
-    fn directory(&self, cfg: &ClusterConfig) -> Result<Arc<dyn WorkerDirectory>> {
+    async fn directory(&self, cfg: &ClusterConfig) -> Result<Arc<dyn WorkerDirectory>> {
         if !self.static_workers.is_empty() {
             return Ok(Arc::new(StaticDirectory::parse(&self.static_workers)?));
         }
         if !cfg.membership.etcd_endpoints.is_empty() {
-            bail!("etcd membership is not wired into the coordinator yet; use --static-worker");
+            let m = EtcdMembership::connect(
+                &cfg.membership.etcd_endpoints,
+                &cfg.cluster,
+                EtcdOptions::default(),
+            )
+            .await
+            .context("connecting to etcd")?;
+            return Ok(Arc::new(MembershipDirectory::new(Arc::new(m))));
         }
         bail!("no workers: give --static-worker ID=HOST:PORT or membership.etcd_endpoints");
     }
@@ -127,7 +135,7 @@ pub async fn start_coordinator(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Coordinator> {
     let cfg = args.resolve()?;
-    let directory = args.directory(&cfg)?;
+    let directory = args.directory(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.coordinator.listen)
         .await
         .with_context(|| format!("binding {}", cfg.coordinator.listen))?;

@@ -191,7 +191,8 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
         model: None,
         world_size: None,
         tp: None,
-        static_workers: statics,
+        // With etcd the coordinator discovers the workers there; else it is told them.
+        static_workers: if args.etcd.is_some() { Vec::new() } else { statics },
         admin_token: None,
         kv_blocks: None,
         kv_block_size: None,

@@ -8,6 +8,9 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fathom_common::cluster::ClusterConfig;
+use fathom_coordinator::membership::{
+    EtcdMembership, EtcdOptions, Membership, Registration, WorkerId, WorkerInfo,
+};
 use fathom_proto::v1::worker_server::WorkerServer;
 use fathom_worker::executor::single::SingleRankFactory;
 use fathom_worker::service::WorkerService;
@@ -37,6 +40,35 @@ pub struct WorkerArgs {
     /// `cpu` or `cuda[:N]` (overrides `worker.device`).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+/// Registers in etcd membership when the config names endpoints (lease kept alive until the
+/// returned registration is released or dropped).
+async fn register(
+    cfg: &ClusterConfig,
+    id: &str,
+    bound: std::net::SocketAddr,
+) -> Result<Option<Registration>> {
+    if cfg.membership.etcd_endpoints.is_empty() {
+        return Ok(None);
+    }
+    let m = EtcdMembership::connect(
+        &cfg.membership.etcd_endpoints,
+        &cfg.cluster,
+        EtcdOptions::default(),
+    )
+    .await
+    .context("connecting to etcd")?;
+    let info = WorkerInfo {
+        id: WorkerId::new(id)?,
+        address: cfg.worker.advertise.clone().unwrap_or_else(|| bound.to_string()),
+        device: cfg.worker.device.clone(),
+        memory_bytes: 0,
+    };
+    let ttl = std::time::Duration::from_secs(cfg.membership.lease_ttl_s);
+    let r = m.register_worker(info, ttl).await.context("registering in membership")?;
+    eprintln!("fathom: worker {id} registered in cluster {}", cfg.cluster);
+    Ok(Some(r))
 }
 
 /// Loads `--config` (or defaults) for either role.
@@ -78,6 +110,7 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
         WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(SingleRankFactory));
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
+    let registration = register(&cfg, &id, addr).await?;
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -103,6 +136,9 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
         Ok(Ok(r)) => r.context("worker server")?,
         Ok(Err(e)) => bail!("worker server task: {e}"),
         Err(_) => {}
+    }
+    if let Some(r) = registration {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, r.release()).await;
     }
     eprintln!("fathom: worker {id} stopped");
     Ok(())

@@ -16,8 +16,8 @@ use super::{
 use crate::planner::{Member, PlanInputs, form_plan};
 use fathom_common::ModelConfig;
 use fathom_proto::v1::{
-    FinishReason, GenerateChunk, GenerateFinal, GroupStep, StepFlags, StepRequest, StepResult,
-    Usage,
+    FinishReason, GenerateChunk, GenerateFinal, GroupStep, Plan, StepFlags, StepRequest,
+    StepResult, Usage,
 };
 use futures::future::BoxFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,16 @@ use tokio::sync::{mpsc, watch};
 pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
     /// The live workers (any order).
     fn live_workers(&self) -> BoxFuture<'_, Result<Vec<Member>, String>>;
+
+    /// The newest epoch already used (a new plan takes the next one). Default: none stored.
+    fn current_epoch(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Records `plan` before its ranks are prepared. Default: nowhere.
+    fn publish_plan(&self, _plan: &Plan) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// How long PrepareEpoch may take (shard loading of a big checkpoint).
@@ -194,8 +204,9 @@ impl Engine {
     /// Plans a new epoch over the live workers and prepares every rank.
     async fn form_epoch(&mut self) -> Result<Vec<WorkerLink>, String> {
         let members = self.directory.live_workers().await?;
+        let stored = self.directory.current_epoch().await?;
         let inputs = PlanInputs {
-            epoch: self.epoch + 1,
+            epoch: self.epoch.max(stored) + 1,
             world_size: self.cfg.world_size,
             tp: self.cfg.tp,
             model: &self.model,
@@ -212,6 +223,7 @@ impl Engine {
                 .map_err(|e| format!("worker {} ({}): {e}", r.worker_id, r.address))?;
             links.push(WorkerLink::new(r.rank, r.worker_id.clone(), r.address.clone(), client));
         }
+        self.directory.publish_plan(&plan).await?;
         self.set_state(ServingState::Preparing);
         tracing::info!(epoch = plan.epoch, world = plan.world_size, "preparing epoch");
         let prepared = futures::future::join_all(

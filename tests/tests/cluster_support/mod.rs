@@ -66,11 +66,14 @@ pub fn port() -> u16 {
 pub struct Opts {
     pub workers: usize,
     pub extra: Vec<String>,
+    /// etcd client URL: both roles read a config file naming it, and the coordinator discovers
+    /// the workers through membership instead of `--static-worker`.
+    pub etcd: Option<String>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { workers: 1, extra: Vec::new() }
+        Self { workers: 1, extra: Vec::new(), etcd: None }
     }
 }
 
@@ -81,6 +84,7 @@ pub struct Cluster {
     pub coordinator: Child,
     pub addr: String,
     pub model: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Cluster {
@@ -97,6 +101,13 @@ impl Cluster {
     pub fn start(opts: Opts) -> Result<Self> {
         let bin = fathom_bin();
         let model = tiny_model();
+        let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
+        let config = dir.path().join("cluster.toml");
+        let mut toml = String::from("cluster = \"test\"\n");
+        if let Some(e) = &opts.etcd {
+            toml.push_str(&format!("[membership]\netcd_endpoints = [\"{e}\"]\nlease_ttl_s = 2\n"));
+        }
+        std::fs::write(&config, toml)?;
         let mut workers = Vec::new();
         let mut statics = Vec::new();
         for i in 0..opts.workers {
@@ -105,17 +116,23 @@ impl Cluster {
             workers.push(
                 Command::new(&bin)
                     .args(["worker", "--id", &id, "--listen", &addr, "--advertise", &addr])
+                    .arg("--config")
+                    .arg(&config)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
                     .context("spawning fathom worker")?,
             );
-            statics.push(format!("--static-worker={id}={addr}"));
+            if opts.etcd.is_none() {
+                statics.push(format!("--static-worker={id}={addr}"));
+            }
         }
         let listen = format!("127.0.0.1:{}", port());
         let mut coordinator = Command::new(&bin)
             .arg("coordinator")
+            .arg("--config")
+            .arg(&config)
             .arg("--model")
             .arg(&model)
             .args(["--listen", &listen, "--world-size", &opts.workers.to_string()])
@@ -136,7 +153,7 @@ impl Cluster {
                 }
             }
         });
-        let mut cluster = Cluster { workers, coordinator, addr: String::new(), model };
+        let mut cluster = Cluster { workers, coordinator, addr: String::new(), model, _dir: dir };
         cluster.addr = rx
             .recv_timeout(Duration::from_secs(60))
             .context("the coordinator did not print `fathom: serving on` within 60 s")?;
