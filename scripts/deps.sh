@@ -4,7 +4,8 @@
 # helm_* tests): helm-python-sdk (Helm v4, offline render and lint), kubernetes-validate and
 # yamllint, pinned, in a venv outside the repository at
 # ${FATHOM_TOOLS_VENV:-$HOME/.cache/fathom/tools-venv}.
-# Idempotent; prints what it does. FATHOM_DEPS_ETCD=0 / FATHOM_DEPS_HELM=0 skip those parts.
+# and NVRTC for the kernel compile test. Idempotent; prints what it does.
+# FATHOM_DEPS_ETCD=0 / FATHOM_DEPS_HELM=0 / FATHOM_DEPS_NVRTC=0 skip those parts.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
@@ -31,4 +32,11 @@ if [ "$want_helm" = 1 ]; then
   echo "deps: installing ${helm_tools[*]} into $venv" >&2
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${helm_tools[@]}"
+fi
+# NVRTC (no GPU needed): the cuda_nvrtc test compiles every CUDA kernel for sm_90a with it, so
+# CUDA C++ errors are caught here and in CI before any GPU run. Same version as the GPU machine.
+if [ "${FATHOM_DEPS_NVRTC:-1}" = 1 ] &&
+  [ ! -e "$HOME/.cache/fathom/nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  echo "deps: installing nvidia-cuda-nvrtc==13.0.88 into $HOME/.cache/fathom/nvrtc" >&2
+  python3 -m pip install -q --disable-pip-version-check --target "$HOME/.cache/fathom/nvrtc" nvidia-cuda-nvrtc==13.0.88
 fi

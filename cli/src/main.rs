@@ -1,10 +1,15 @@
 //! `fathom`: the one binary. Parses arguments, sets up logging, maps errors to one line on stderr
-//! and a non-zero exit. All behaviour lives in the library crates.
+//! and a non-zero exit. All behaviour lives in the library crates and the per-command modules.
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod bench_comm;
+mod bench_serve;
+mod checkpoint;
 mod client;
 mod coordinator;
+mod generate;
 mod up;
 mod worker;
 
@@ -20,52 +25,73 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// Synthesize or inspect checkpoints.
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// One-shot generation (CLI.md).
+    Generate(generate::GenerateArgs),
+    /// Benchmarks; records worth keeping go to docs/perf/.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Start a coordinator and W worker processes on this machine.
     Up(up::UpArgs),
     /// Run the coordinator role (one process).
     Coordinator(coordinator::CoordinatorArgs),
     /// Run the worker role (one process, one rank).
     Worker(worker::WorkerArgs),
-    /// Generate from one prompt (`--endpoint`: through a running cluster).
-    Generate(client::GenerateArgs),
 }
 
 /// Cache directory of `fathom up` (resolved here: libraries never read the environment).
-fn cache_dir(flag: Option<&std::path::Path>) -> std::path::PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
-        return std::path::PathBuf::from(x).join("fathom");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
-    std::path::PathBuf::from(home).join(".cache").join("fathom")
-}
-
-fn fail(e: anyhow::Error) -> ! {
-    eprintln!("fathom: error: {e:#}");
-    std::process::exit(1)
+fn cache_dir(flag: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = match (flag, std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty())) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(x)) => std::path::PathBuf::from(x).join("fathom"),
+        (None, None) => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+            std::path::PathBuf::from(home).join(".cache").join("fathom")
+        }
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating the cache directory {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors: one line on stderr (CLI.md); --help and --version print as usual.
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("fathom: {}", line.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FATHOM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    match cli.command {
-        Command::Version => println!("fathom {}", env!("CARGO_PKG_VERSION")),
-        Command::Up(a) => {
-            let cache = cache_dir(a.cache_dir.as_deref());
-            if let Err(e) = std::fs::create_dir_all(&cache) {
-                fail(anyhow::anyhow!("creating the cache directory {}: {e}", cache.display()));
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Version => {
+            println!("fathom {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Checkpoint(args) => checkpoint::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c)),
+        Command::Coordinator(a) => coordinator::run(&a),
+        Command::Worker(a) => worker::run(&a),
+    };
+    if let Err(e) = result {
+        // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are
+        // not repeated.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1).map(|c| c.to_string()) {
+            if !msg.contains(&cause) {
+                msg = format!("{msg}: {cause}");
             }
-            up::run(&a, &cache).unwrap_or_else(|e| fail(e))
         }
-        Command::Coordinator(a) => coordinator::run(&a).unwrap_or_else(|e| fail(e)),
-        Command::Worker(a) => worker::run(&a).unwrap_or_else(|e| fail(e)),
-        Command::Generate(a) if a.endpoint.is_some() => client::run(&a).unwrap_or_else(|e| fail(e)),
-        Command::Generate(_) => {
-            fail(anyhow::anyhow!("generate --model is not in this build yet; use --endpoint"))
-        }
+        eprintln!("fathom: {}", msg.replace('\n', " "));
+        std::process::exit(1);
     }
 }

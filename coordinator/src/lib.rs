@@ -15,3 +15,4 @@ pub mod membership;
 pub mod planner;
 pub mod scheduler;
 pub mod server;
+pub mod text;

@@ -105,3 +105,17 @@ async fn watch_reports_a_worker_that_died_during_the_outage() {
     assert_eq!(listed, [WorkerId::new("stays").unwrap()]);
     keep.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn connecting_to_a_dead_endpoint_is_a_retryable_error() {
+    let port = fathom_tests::free_port().unwrap();
+    let opts = EtcdOptions { op_timeout: Duration::from_millis(500) };
+    let started = std::time::Instant::now();
+    let err = EtcdMembership::connect(&[format!("http://127.0.0.1:{port}")], "x", opts)
+        .await
+        .unwrap_err();
+    assert!(err.retryable(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded by op_timeout");
+    let err = EtcdMembership::connect(&[], "x", EtcdOptions::default()).await.unwrap_err();
+    assert!(!err.retryable(), "{err}");
+}

@@ -9,6 +9,7 @@
 
 pub mod comm;
 pub mod cpu;
+pub mod cuda;
 pub mod tensor;
 
 pub use tensor::Tensor;

@@ -199,6 +199,14 @@ fn slices_read_only_their_bytes_and_are_counted() {
     assert!(r8.validation_bytes() > 0);
     r8.load_slice(name, 0, 0, 4).unwrap();
     assert_eq!(r8.bytes_read(), 4 * 64 + 4);
+    let raw = r8.raw_rows(name, 2, 4).unwrap();
+    assert_eq!(raw.len(), 2 * 64);
+    let deq = r8.load_slice(name, 0, 2, 4).unwrap();
+    let scale = r8.load(&format!("{name}_scale_inv")).unwrap().data()[0];
+    for (b, v) in raw.iter().zip(deq.data()) {
+        assert_eq!(fathom_worker::weights::fp8::E4M3_TO_F32[*b as usize] * scale, *v);
+    }
+    assert!(r8.raw_rows(name, 3, 40).is_err());
 }
 
 #[test]

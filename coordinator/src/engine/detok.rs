@@ -55,23 +55,31 @@ impl TextCodec {
     }
 }
 
-/// Incremental decoder of one sequence's generated ids.
+/// Incremental decoder of one sequence's generated ids. Decodes only a short window per push
+/// (the ids since the last emitted boundary), so a token costs O(window), not O(sequence).
 #[derive(Debug, Default)]
 pub struct Detok {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the window re-decoded for context (merges across token boundaries).
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
 }
 
 impl Detok {
     /// Adds `new` ids and returns the new complete text (possibly empty).
     pub fn push(&mut self, codec: &TextCodec, new: &[u32]) -> String {
         self.ids.extend_from_slice(new);
-        let text = codec.decode(&self.ids);
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+        let prev = codec.decode(&self.ids[self.prefix..self.read]);
+        let text = codec.decode(&self.ids[self.prefix..]);
+        if text.len() <= prev.len() || text.ends_with('\u{FFFD}') {
             return String::new();
         }
-        let delta = text.get(self.emitted..).unwrap_or_default().to_string();
-        self.emitted = text.len();
+        let Some(delta) = text.get(prev.len()..).map(str::to_string) else {
+            return String::new();
+        };
+        self.prefix = self.read;
+        self.read = self.ids.len();
         delta
     }
 }

@@ -292,9 +292,11 @@ impl Engine {
                 groups,
                 flags: Some(StepFlags::default()),
             };
-            for l in links.iter() {
+            let (last, rest) = links.split_last().expect("a plan has at least one rank");
+            for l in rest {
                 l.send(step.clone()).await?;
             }
+            last.send(step).await?;
             let sent = t0.elapsed();
             let t1 = Instant::now();
             let timeout = self.cfg.step_timeout;

@@ -19,6 +19,7 @@
 
 use super::SchedulerError;
 use super::block_pool::{BlockId, BlockPool, BlockTable};
+use fathom_common::cluster::CoordinatorSection;
 use fathom_common::ids::SeqId;
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -39,6 +40,18 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// The limits of the `[coordinator]` config section for a plan with `groups` groups.
+    pub fn from_section(c: &CoordinatorSection, groups: usize) -> Self {
+        Self {
+            groups,
+            kv_blocks: c.kv_blocks,
+            kv_block_size: c.kv_block_size,
+            max_queue: c.max_queue,
+            max_step_tokens: c.max_step_tokens,
+            max_batch: c.max_batch,
+        }
+    }
+
     fn validate(&self) -> Result<(), SchedulerError> {
         let bad = |what, v: usize| {
             Err(SchedulerError::InvalidConfig { what, reason: format!("{v} must be >= 1") })

@@ -39,6 +39,17 @@ fn finish_step(s: &mut Scheduler, plan: &StepPlan, token: u32) -> Vec<SeqUpdate>
 }
 
 #[test]
+fn config_comes_from_the_coordinator_section() {
+    let section = fathom_common::cluster::CoordinatorSection::default();
+    let c = SchedulerConfig::from_section(&section, 2);
+    assert_eq!((c.groups, c.kv_blocks, c.kv_block_size), (2, 4096, 64));
+    assert_eq!((c.max_step_tokens, c.max_batch, c.max_queue), (2048, 256, 1024));
+    assert!(Scheduler::new(c).is_ok());
+    let e = Scheduler::new(cfg(0, 4, 4, 8, 8)).unwrap_err();
+    assert!(matches!(e, SchedulerError::InvalidConfig { what: "groups", .. }), "{e}");
+}
+
+#[test]
 fn queue_bound_and_request_validation() {
     let mut s = Scheduler::new(SchedulerConfig { max_queue: 2, ..cfg(1, 4, 4, 64, 4) }).unwrap();
     s.submit(req(3, 2)).unwrap();

@@ -128,20 +128,35 @@ impl<L: Link> Communicator<L> {
     ) -> Result<Vec<Vec<u8>>, CommError> {
         let seq = self.seq;
         self.seq += 1;
+        // A peer found gone while sending does not stop the round: the others still get this
+        // rank's part, and the receive below names whichever rank's part is really missing (a
+        // peer that already sent its part and then left, e.g. after failing itself, is not
+        // blamed). A stalled peer has used up the deadline, so that ends the round at once.
+        let mut gone = None;
         for (dst, part) in sends {
             debug_assert_ne!(dst, self.rank, "a rank never messages itself");
             let to = self.members[dst];
-            self.link.send(to, self.id, seq, part, op.deadline).map_err(|e| match e {
-                LinkError::Gone(reason) => CommError::PeerLost { op: op.name, rank: to, reason },
-                LinkError::Stalled => CommError::Timeout {
-                    op: op.name,
-                    missing_ranks: vec![to],
-                    waited: op.started.elapsed(),
-                },
-            })?;
+            match self.link.send(to, self.id, seq, part, op.deadline) {
+                Ok(()) => {}
+                Err(LinkError::Gone(reason)) => {
+                    gone.get_or_insert(CommError::PeerLost { op: op.name, rank: to, reason });
+                }
+                Err(LinkError::Stalled) => {
+                    return Err(CommError::Timeout {
+                        op: op.name,
+                        missing_ranks: vec![to],
+                        waited: op.started.elapsed(),
+                    });
+                }
+            }
         }
         let srcs: Vec<usize> = recv_from.iter().map(|&r| self.members[r]).collect();
-        self.link.mailbox().take_all(op.name, self.id, seq, &srcs, op.started, op.deadline)
+        let got =
+            self.link.mailbox().take_all(op.name, self.id, seq, &srcs, op.started, op.deadline)?;
+        match gone {
+            Some(e) => Err(e),
+            None => Ok(got),
+        }
     }
 
     /// The other ranks, starting after this one and wrapping around.
@@ -169,15 +184,13 @@ impl<L: Link> Communicator<L> {
         let peers = self.peers();
         let sends: Vec<(usize, &[u8])> =
             peers.iter().map(|&j| (j, bytemuck::cast_slice(&data[ranges[j].clone()]))).collect();
-        let mut got = self.round(op, sends, &peers)?;
+        let got = self.round(op, sends, &peers)?;
         let own = ranges[self.rank].clone();
         let want = own.len() * size_of::<T>();
+        // Parts in rank order; `None` marks this rank's own slice.
+        let mut parts: Vec<Option<&[u8]>> = vec![None; self.members.len()];
         for (&src, msg) in peers.iter().zip(&got) {
             self.expect_len(op, src, msg.len(), want)?;
-        }
-        // Parts in rank order: this rank's own slice sits at its position.
-        let mut parts: Vec<Option<Vec<u8>>> = vec![None; self.members.len()];
-        for (&src, msg) in peers.iter().zip(got.drain(..)) {
             parts[src] = Some(msg);
         }
         let mut acc = vec![0f32; own.len()];

@@ -474,6 +474,34 @@ pub fn dead_rank_is_named(f: &dyn CommFactory) {
     }
 }
 
+/// Rank 2 dies; rank 1 fails on it and leaves too; only then does rank 0 enter the op. Rank 0
+/// must still blame rank 2 (rank 1 sent its part before leaving), not the rank that left last.
+pub fn dead_rank_is_named_after_others_left(f: &dyn CommFactory) {
+    let mut comms = f.create(3, opts(20_000));
+    let (tx, rx) = std::sync::mpsc::channel::<CommError>();
+    let mut c2 = comms.pop().expect("rank 2");
+    let mut c1 = comms.pop().expect("rank 1");
+    let mut c0 = comms.pop().expect("rank 0");
+    let e0 = std::thread::scope(|s| {
+        s.spawn(move || {
+            c2.barrier().expect("barrier");
+            drop(c2);
+        });
+        s.spawn(move || {
+            c1.barrier().expect("barrier");
+            let e = c1.all_reduce_sum_f32(&mut [1.0; 8]).expect_err("rank 2 is dead");
+            drop(c1);
+            let _ = tx.send(e);
+        });
+        c0.barrier().expect("barrier");
+        let e1 = rx.recv().expect("rank 1 reports");
+        assert!(matches!(e1, CommError::PeerLost { rank: 2, .. }), "rank 1: {e1}");
+        std::thread::sleep(Duration::from_millis(100)); // let rank 1's departure be seen
+        c0.all_reduce_sum_f32(&mut [1.0; 8]).expect_err("ranks 1 and 2 are gone")
+    });
+    assert!(matches!(e0, CommError::PeerLost { rank: 2, .. }), "rank 0: {e0}");
+}
+
 /// Instantiates the whole suite as `#[test]` functions for one factory expression.
 #[macro_export]
 macro_rules! collective_conformance {
@@ -481,7 +509,7 @@ macro_rules! collective_conformance {
         $crate::collective_conformance!(@cases $factory;
             all_reduce_f32, all_reduce_bf16, sums_are_deterministic, reduce_scatter, all_gather,
             all_to_all_v, broadcast, barrier, ops_do_not_mix, split, invalid_arguments,
-            missing_rank_times_out, dead_rank_is_named);
+            missing_rank_times_out, dead_rank_is_named, dead_rank_is_named_after_others_left);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

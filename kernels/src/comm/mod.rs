@@ -27,6 +27,18 @@
 //! sends `2·(W-1)/W·N` elements — the bandwidth of a ring, in 2 rounds instead of `2(W-1)`.
 //! All-to-all-v sends one message per peer; its length tells the receiver the count, so there
 //! is no separate count exchange. Byte order is little-endian on every host.
+//!
+//! NCCL (later, behind the same trait): `split` maps to `ncclCommSplit` (colour = group index,
+//! key = position), the sums to `ncclAllReduce`/`ncclReduceScatter` (NCCL's sum order is not
+//! rank order, so bit-identity across ranks holds but equality with the serial loop does not),
+//! `all_to_all_v` to a count exchange then `ncclSend`/`ncclRecv` pairs or `ncclAlltoAll` with
+//! fixed capacity (EP-DISPATCH.md designs B and A). An NCCL communicator is used by one thread
+//! at a time (`&mut self`), so it needs `Send` (with a SAFETY argument), never `Sync`.
+//! Device buffers: the methods here take host slices. For GPU memory the byte and typed
+//! methods would take a buffer enum (`Host(&mut [u8])` / `Device(&mut CudaView…)`) plus the
+//! stream to order the op on, and `all_to_all_v` would return counts on the device (design A)
+//! instead of a host `Vec`; the error and deadline model stays (a watchdog polls
+//! `ncclCommGetAsyncError` and aborts the communicator at the deadline).
 
 mod communicator;
 pub mod conformance;

@@ -150,7 +150,8 @@ pub struct StepCtx<'a> {
 }
 
 impl<'a> StepCtx<'a> {
-    fn new(seqs: &'a [SeqInput<'a>], freqs: &[f32], attention_factor: f32) -> Self {
+    /// Positions and RoPE tables of a batch (`freqs` from `ModelConfig::rope_frequencies`).
+    pub fn new(seqs: &'a [SeqInput<'a>], freqs: &[f32], attention_factor: f32) -> Self {
         let mut offsets = vec![0];
         let mut positions = Vec::new();
         for s in seqs {
@@ -231,6 +232,12 @@ impl Model {
 
     pub fn shard(&self) -> &ShardSpec {
         &self.shard
+    }
+
+    /// The step context of a batch (for running single layers, e.g. in tests and the parallel
+    /// engine).
+    pub fn step_ctx<'a>(&self, seqs: &'a [SeqInput<'a>]) -> StepCtx<'a> {
+        StepCtx::new(seqs, &self.freqs, self.attention_factor)
     }
 
     /// A cache shaped for this model (main + MTP layers).

@@ -149,7 +149,10 @@ impl CheckpointReader {
         for (si, f) in files.iter().enumerate() {
             let mmap = map_file(dir, f)?;
             let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                err_file(f, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+                err_file(
+                    &dir.join(f).display().to_string(),
+                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                )
             })?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
@@ -383,6 +386,24 @@ impl CheckpointReader {
             .get(name)
             .map(|(si, t)| (&self.shards[*si], t))
             .ok_or_else(|| WeightsError::Missing { name: name.into() })
+    }
+
+    /// The stored bytes of rows `[start, end)` of `name` as they are in the file (e4m3 bytes of an
+    /// FP8 weight, without its scale): for device paths that consume FP8 directly. Counted like
+    /// a load.
+    pub fn raw_rows(&self, name: &str, start: usize, end: usize) -> Result<&[u8], WeightsError> {
+        let (shard, t) = self.entry(name)?;
+        let rows = t.shape.first().copied().unwrap_or(0);
+        if start > end || end > rows {
+            return Err(err_tensor(
+                name,
+                &t.file,
+                format!("rows [{start}, {end}) outside shape {:?}", t.shape),
+            ));
+        }
+        let row_bytes = t.len / rows.max(1);
+        self.count(name, ((end - start) * row_bytes) as u64);
+        Ok(&shard.mmap[t.start + start * row_bytes..t.start + end * row_bytes])
     }
 
     /// Decodes `[start, end)` of `dim` of `name` to f32 (scales applied for F8).

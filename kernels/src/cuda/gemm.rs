@@ -1,0 +1,493 @@
+//! GEMMs for linear layers, `y[m, n] = x[m, k] · W[n, k]ᵀ` with row-major x, W, y:
+//! bf16 through cuBLAS ([`BlasGemm`]), FP8 e4m3 with DeepSeek block scales through cuBLASLt
+//! ([`Fp8Gemm`]: activations 1×128 ue8m0 scales, weights 128×128 fp32 scales).
+//!
+//! Row-major tensors are handed to the column-major libraries as their transposes: cuBLAS
+//! computes `yᵀ [n, m] = W [n, k] · xᵀ [k, m]` with A = W (op T, lda k), B = x (op N, ldb k),
+//! C = y (ldc n). cuBLASLt's FP8 kernels need exactly this "TN" form.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as blas_sys};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, result as lt, sys as lt_sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::cuda::{CudaDevice, CudaError};
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::shape(op, format!("{what} = {v} exceeds i32")))
+}
+
+fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), CudaError> {
+    if got != want {
+        return Err(CudaError::shape(op, format!("{what} has {got} elements, expected {want}")));
+    }
+    Ok(())
+}
+
+/// bf16 GEMM through cuBLAS (fp32 accumulation), on the device stream.
+#[derive(Debug)]
+pub struct BlasGemm {
+    blas: CudaBlas,
+}
+
+impl BlasGemm {
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let blas = CudaBlas::new(dev.stream().clone())
+            .map_err(|e| CudaError::Blas { op: "cublasCreate", status: format!("{e:?}") })?;
+        Ok(Self { blas })
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all bf16 row-major, fp32 accumulation.
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_bf16";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: to_i32(OP, "n", n)?,
+            n: to_i32(OP, "m", m)?,
+            k: to_i32(OP, "k", k)?,
+            alpha: bf16::ONE,
+            lda: to_i32(OP, "k", k)?,
+            ldb: to_i32(OP, "k", k)?,
+            beta: bf16::ZERO,
+            ldc: to_i32(OP, "n", n)?,
+        };
+        // SAFETY: the three buffers were checked against the shapes the config describes.
+        unsafe { self.blas.gemm(cfg, w, x, y) }
+            .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
+    }
+
+    /// [`Self::gemm_bf16`] over views (sub-ranges of larger buffers, e.g. one expert's rows of a
+    /// permuted activation buffer and one expert's slice of a stacked weight).
+    pub fn gemm_bf16_view<X, W, Y>(
+        &self,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError>
+    where
+        X: DevicePtr<bf16>,
+        W: DevicePtr<bf16>,
+        Y: DevicePtrMut<bf16>,
+    {
+        const OP: &str = "gemm_bf16_view";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: to_i32(OP, "n", n)?,
+            n: to_i32(OP, "m", m)?,
+            k: to_i32(OP, "k", k)?,
+            alpha: bf16::ONE,
+            lda: to_i32(OP, "k", k)?,
+            ldb: to_i32(OP, "k", k)?,
+            beta: bf16::ZERO,
+            ldc: to_i32(OP, "n", n)?,
+        };
+        // SAFETY: the three views were checked against the shapes the config describes.
+        unsafe { self.blas.gemm(cfg, w, x, y) }
+            .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
+    }
+}
+
+/// bf16 GEMM through cuBLASLt (32 MiB workspace, heuristic algorithm), on the device stream.
+#[derive(Debug)]
+pub struct LtBf16Gemm {
+    lt: CudaBlasLT,
+}
+
+impl LtBf16Gemm {
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let lt = CudaBlasLT::new(dev.stream().clone()).map_err(lt_err("cublasLtCreate"))?;
+        Ok(Self { lt })
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, all bf16 row-major, fp32 accumulation.
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_bf16_lt";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the three buffers were checked against the shapes the config describes.
+        unsafe { self.lt.matmul(cfg, w, x, y, None, None) }.map_err(lt_err("cublasLtMatmul(bf16)"))
+    }
+}
+
+/// Layout of the activation scales (rows × k/128 fp32) handed to [`Fp8Gemm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActScaleLayout {
+    /// `[rows, k/128]` row-major: `s[row * (k/128) + kb]`.
+    RowMajor,
+    /// `[k/128, rows]`, token dimension contiguous: `s[kb * rows + row]`.
+    TokenContiguous,
+}
+
+/// Layout of the weight scales (ceil(n/128) × ceil(k/128) fp32) handed to [`Fp8Gemm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightScaleLayout {
+    /// `[n/128, k/128]` row-major, as the checkpoint's `weight_scale_inv` is stored.
+    RowMajor,
+    /// `[k/128, n/128]` row-major (the transpose).
+    Transposed,
+}
+
+/// A cuBLASLt plan for one (m, n, k): descriptors and the heuristic's algorithm.
+#[derive(Debug)]
+struct Fp8Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    a: lt_sys::cublasLtMatrixLayout_t,
+    b: lt_sys::cublasLtMatrixLayout_t,
+    d: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Fp8Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once in `Fp8Gemm::plan` and is destroyed once here;
+        // errors on destruction cannot be acted on.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+        }
+    }
+}
+
+/// Plans by padded (m, n, k), and the padded m chosen for each logical (m, n, k).
+#[derive(Debug, Default)]
+struct PlanCache {
+    plans: HashMap<(usize, usize, usize), Fp8Plan>,
+    padding: HashMap<(usize, usize, usize), usize>,
+}
+
+// SAFETY: the plan's handles are plain cuBLASLt descriptor objects; they are only used while the
+// `Fp8Gemm` mutex is held.
+unsafe impl Send for Fp8Plan {}
+
+/// FP8 e4m3 GEMM with DeepSeek block scales through cuBLASLt (scale modes `BLK128x128_32F` for
+/// the weights, `VEC128_32F` for the activations), bf16 output, fp32 accumulation.
+#[derive(Debug)]
+pub struct Fp8Gemm {
+    handle: lt_sys::cublasLtHandle_t,
+    stream: Arc<CudaStream>,
+    workspace: CudaSlice<u8>,
+    plans: Mutex<PlanCache>,
+}
+
+// SAFETY: the cuBLASLt handle is thread-safe for use with distinct descriptors; plans are
+// guarded by the mutex.
+unsafe impl Send for Fp8Gemm {}
+unsafe impl Sync for Fp8Gemm {}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        if let Ok(state) = self.plans.get_mut() {
+            state.plans.clear();
+        }
+        // SAFETY: the handle was created in `new` and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn lt_err(op: &'static str) -> impl Fn(lt::CublasError) -> CudaError {
+    move |e| CudaError::Blas { op, status: format!("{e:?}") }
+}
+
+/// Points the plan's descriptor at this call's weight (A) and activation (B) scales.
+fn set_scale_pointers(plan: &Fp8Plan, w_scale: u64, x_scale: u64) -> Result<(), CudaError> {
+    use lt_sys::cublasLtMatmulDescAttributes_t as A;
+    for (attr, ptr) in [
+        (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale),
+        (A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale),
+    ] {
+        // SAFETY: scale-pointer attributes take a device pointer by value (8 bytes).
+        unsafe { lt::set_matmul_desc_attribute(plan.desc, attr, (&ptr as *const u64).cast(), 8) }
+            .map_err(lt_err("cublasLtMatmulDescSetAttribute(scale pointer)"))?;
+    }
+    Ok(())
+}
+
+impl Fp8Gemm {
+    /// Layout of the activation scales cuBLASLt's `VEC128_32F` mode reads (checked on the H200 by
+    /// the `cuda_gemm` parity test, which tries every combination).
+    pub const ACT_SCALE_LAYOUT: ActScaleLayout = ActScaleLayout::TokenContiguous;
+    /// Row pitch (in floats) of the weight-scale tensor: k/128 rounded up to a multiple of 4.
+    /// cuBLASLt reads `BLK128x128_32F` scales with 16-byte-aligned rows (seen on the H200: k =
+    /// 384 with unpadded rows of 3 gave garbage). For every DeepSeek-V3.2 weight k/128 is
+    /// already a multiple of 4 (k ∈ {512, 1536, 2048, 7168, 16384}), so the checkpoint's
+    /// `weight_scale_inv` is used as it is.
+    pub fn weight_scale_pitch(k: usize) -> usize {
+        (k / 128).next_multiple_of(4)
+    }
+
+    /// Layout of the weight scales cuBLASLt's `BLK128x128_32F` mode reads (same test).
+    pub const WEIGHT_SCALE_LAYOUT: WeightScaleLayout = WeightScaleLayout::RowMajor;
+
+    pub fn new(dev: &CudaDevice) -> Result<Self, CudaError> {
+        let handle = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
+        let workspace = dev.zeros::<u8>(WORKSPACE_BYTES)?;
+        Ok(Self {
+            handle,
+            stream: dev.stream().clone(),
+            workspace,
+            plans: Mutex::new(PlanCache::default()),
+        })
+    }
+
+    /// Builds the descriptors and asks the heuristic for an algorithm. The scale pointers must be
+    /// set first: cuBLASLt rejects block-scale modes without them (CUBLAS_STATUS_INVALID_VALUE).
+    fn plan(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        w_scale: u64,
+        x_scale: u64,
+    ) -> Result<Option<Fp8Plan>, CudaError> {
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        use lt_sys::cublasLtMatmulMatrixScale_t as S;
+        let e4m3 = lt_sys::cudaDataType_t::CUDA_R_8F_E4M3;
+        let desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(lt_err("cublasLtMatmulDescCreate"))?;
+        // Build the plan at once so that Drop releases whatever was created if a step fails.
+        let a = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64);
+        let b = lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64);
+        let d = lt::create_matrix_layout(
+            lt_sys::cudaDataType_t::CUDA_R_16BF,
+            n as u64,
+            m as u64,
+            n as i64,
+        );
+        let (a, b, d) = match (a, b, d) {
+            (Ok(a), Ok(b), Ok(d)) => (a, b, d),
+            (a, b, d) => {
+                // SAFETY: destroy only what was created.
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in [a, b, d].into_iter().flatten() {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+                return Err(CudaError::Blas {
+                    op: "cublasLtMatrixLayoutCreate",
+                    status: "failed".into(),
+                });
+            }
+        };
+        // SAFETY: zeroed is a valid bit pattern for the algo struct; it is overwritten below.
+        let mut plan = Fp8Plan { desc, a, b, d, algo: unsafe { std::mem::zeroed() } };
+        let set = |attr: A, v: i32| {
+            // SAFETY: the attribute takes a 4-byte integer/enum; the pointer is valid for reads.
+            unsafe { lt::set_matmul_desc_attribute(plan.desc, attr, (&v as *const i32).cast(), 4) }
+                .map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+        };
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, 1)?; // CUBLAS_OP_T
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, 0)?; // CUBLAS_OP_N
+        set(
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+            S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32,
+        )?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
+        )?;
+        set_scale_pointers(&plan, w_scale, x_scale)?;
+        let pref = lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+        let ws = WORKSPACE_BYTES;
+        // SAFETY: MAX_WORKSPACE_BYTES takes a u64/usize; the pointer is valid for reads.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+        }
+        .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))
+        .and_then(|()| {
+            // SAFETY: all descriptors are live; D doubles as C (beta = 0).
+            unsafe {
+                lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref)
+            }
+            .map(Some)
+            .or_else(|e| {
+                if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                    Ok(None)
+                } else {
+                    Err(CudaError::Blas {
+                        op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
+                        status: format!("{e:?} for m={m} n={n} k={k}"),
+                    })
+                }
+            })
+        });
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        Ok(r?.map(|h| {
+            plan.algo = h.algo;
+            plan
+        }))
+    }
+
+    /// The row count the GEMM runs with for `m` logical rows: the smallest of m rounded up to
+    /// 4, 8, 16, 32, 64, 128 that cuBLASLt has a kernel for. At least a multiple of 4: the
+    /// `VEC128_32F` scale tensor's token dimension is read with a pitch of m rounded up to 4
+    /// (seen on the H200: m = 130 with pitch 130 gave garbage; m = 1 has no kernel at all).
+    /// Activation, activation-scale and output buffers are sized with it.
+    pub fn padded_rows(&self, m: usize, n: usize, k: usize) -> Result<usize, CudaError> {
+        const OP: &str = "gemm_fp8";
+        if k % 128 != 0 || n % 16 != 0 || m == 0 {
+            return Err(CudaError::shape(
+                OP,
+                format!("needs k % 128 == 0, n % 16 == 0, m > 0; got m={m} n={n} k={k}"),
+            ));
+        }
+        let mut state = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&p) = state.padding.get(&(m, n, k)) {
+            return Ok(p);
+        }
+        // Any aligned, non-null device pointer will do for the heuristic: the workspace.
+        let (dummy, _g) = self.workspace.device_ptr(&self.stream);
+        let mut tried = Vec::new();
+        for align in [4usize, 8, 16, 32, 64, 128] {
+            let cand = m.next_multiple_of(align);
+            if tried.contains(&cand) {
+                continue;
+            }
+            tried.push(cand);
+            if state.plans.contains_key(&(cand, n, k)) {
+                state.padding.insert((m, n, k), cand);
+                return Ok(cand);
+            }
+            if let Some(plan) = self.plan(cand, n, k, dummy, dummy)? {
+                state.plans.insert((cand, n, k), plan);
+                state.padding.insert((m, n, k), cand);
+                return Ok(cand);
+            }
+        }
+        Err(CudaError::Blas {
+            op: "cublasLtMatmulAlgoGetHeuristic(fp8 block-scaled)",
+            status: format!("no kernel for n={n} k={k} with m in {tried:?}"),
+        })
+    }
+
+    /// `y[m, n] = (x_q · s_x) [m, k] · ((w_q · s_w) [n, k])ᵀ` as bf16, run with
+    /// `p = self.padded_rows(m, n, k)` rows:
+    /// - x_q: [p, k] e4m3 bits; x_s: p × k/128 f32 in [`Self::ACT_SCALE_LAYOUT`] (pitch p);
+    /// - w_q: [n, k] e4m3 bits; w_s: [ceil(n/128), [`Self::weight_scale_pitch`]] f32 in
+    ///   [`Self::WEIGHT_SCALE_LAYOUT`];
+    /// - y: [p, n] bf16, of which the first m rows are the result.
+    ///
+    /// Pad rows must hold finite values (zeros). k % 128 == 0, n % 16 == 0.
+    pub fn gemm(
+        &self,
+        x_q: &CudaSlice<u8>,
+        x_s: &CudaSlice<f32>,
+        w_q: &CudaSlice<u8>,
+        w_s: &CudaSlice<f32>,
+        y: &mut CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_fp8";
+        let p = self.padded_rows(m, n, k)?;
+        check_len(OP, "x_q", x_q.len(), p * k)?;
+        check_len(OP, "x_s", x_s.len(), p * (k / 128))?;
+        check_len(OP, "w_q", w_q.len(), n * k)?;
+        check_len(OP, "w_s", w_s.len(), n.div_ceil(128) * Self::weight_scale_pitch(k))?;
+        check_len(OP, "y", y.len(), p * n)?;
+        let stream = &self.stream;
+        let (xq, _g1) = x_q.device_ptr(stream);
+        let (xs, _g2) = x_s.device_ptr(stream);
+        let (wq, _g3) = w_q.device_ptr(stream);
+        let (ws, _g4) = w_s.device_ptr(stream);
+        let (yp, _g5) = y.device_ptr_mut(stream);
+        let (wsp, _g6) = self.workspace.device_ptr(stream);
+        let state = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = state.plans.get(&(p, n, k)).ok_or_else(|| CudaError::Blas {
+            op: "gemm_fp8",
+            status: format!("no plan for m={p} n={n} k={k}"),
+        })?;
+        set_scale_pointers(plan, ws, xs)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: all buffers were checked against the plan's shapes; the scale buffers have the
+        // sizes the scale modes read; the workspace is WORKSPACE_BYTES long.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                wq as *const _,
+                plan.a,
+                xq as *const _,
+                plan.b,
+                yp as *const _,
+                plan.d,
+                yp as *mut _,
+                plan.d,
+                &plan.algo,
+                wsp as *mut _,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(lt_err("cublasLtMatmul(fp8 block-scaled)"))
+    }
+}

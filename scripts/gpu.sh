@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds the CUDA test binaries (cuda_* of fathom-kernels) and the GPU bench here, copies them
+# (stripped) with a runner script into the lead checkout's git-ignored .device/ folder, and
+# prints the device-tool call that runs them on the GPU machine.
+#
+#   scripts/gpu.sh            # build + stage into /work/main/.device/cuda
+#   FATHOM_DEVICE_DIR=/path/dir scripts/gpu.sh   # stage elsewhere
+#
+# On the GPU machine, .device/cuda/run.sh [tests|bench|all] [bench flags...] sets LD_LIBRARY_PATH
+# (the CUDA wheels' nvidia/cu13/lib, plus a temp dir with a libnccl.so symlink), runs every test
+# binary with --nocapture, and FAILS if a test failed or printed "SKIP:" on a machine that has a
+# GPU (except "needs N GPUs" skips). Logs and bench tables go to $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest="${FATHOM_DEVICE_DIR:-/work/main/.device/cuda}"
+
+echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
+json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
+cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+
+rm -rf "$dest/bin"
+mkdir -p "$dest/bin"
+printf '%s\n' "$json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+  strip --strip-debug -o "$dest/bin/$name" "$exe"
+  echo "gpu.sh: staged $name" >&2
+done
+strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+
+cat > "$dest/run.sh" <<'RUNNER'
+#!/usr/bin/env bash
+# Runner for the GPU machine (written by scripts/gpu.sh). Usage: run.sh [tests|bench|all] [bench flags]
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+what="${1:-all}"; shift || true
+OUT="${OUT:-/tmp/fathom-out}"; mkdir -p "$OUT"
+site=$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null) \
+  || site=/opt/torch/.venv/lib/python3.12/site-packages
+cu13="$site/nvidia/cu13/lib"
+nccl="$site/nvidia/nccl/lib/libnccl.so.2"
+[ -d "$cu13" ] || { echo "FAIL: no CUDA wheel libraries at $cu13"; exit 2; }
+links=$(mktemp -d)
+[ -e "$nccl" ] && ln -s "$nccl" "$links/libnccl.so"
+export LD_LIBRARY_PATH="$links:$cu13:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on these machines
+export CUBLASLT_LOG_LEVEL=1 # cuBLASLt prints why it rejects a configuration
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+{ date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \
+  echo "libs: $cu13 $nccl"; ls "$cu13"; } > "$OUT/machine.txt" 2>&1
+echo "GPUs: $gpus"
+fail=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  : > "$OUT/tests.log"
+  for t in "$here"/bin/cuda_*; do
+    name=$(basename "$t")
+    log=$(mktemp)
+    "$t" --nocapture --test-threads=1 > "$log" 2>&1; rc=$?
+    { echo "===== $name (rc=$rc)"; cat "$log"; } >> "$OUT/tests.log"
+    summary=$(grep -E '^test result:' "$log" | tail -1)
+    echo "$name: rc=$rc $summary"
+    [ "$rc" = 0 ] || fail=1
+    if [ "$gpus" -gt 0 ]; then
+      bad=$(grep '^SKIP:' "$log" | grep -v -E 'needs [0-9]+ GPUs, found [0-9]+' || true)
+      if [ -n "$bad" ]; then echo "FAIL: $name printed SKIP on a GPU machine:"; echo "$bad"; fail=1; fi
+    fi
+    grep -E 'FAILED|panicked|rel err' "$log" | head -20
+  done
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
+  rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
+  cat "$OUT/bench.log"
+fi
+[ "$fail" = 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
+exit "$fail"
+RUNNER
+chmod +x "$dest/run.sh"
+du -sh "$dest" >&2
+cat <<EOF2
+Staged in $dest. Run on the GPU machine with the device tool (one call, from the lead checkout):
+  run(command="bash .device/cuda/run.sh all", carry=[".device"], kind="nvidia-h200-x2", timeout_s=600)
+  (kind "nvidia-h200" also works; the two-GPU NCCL test then prints 'SKIP: ... needs 2 GPUs'.)
+EOF2
