@@ -67,6 +67,17 @@ pub struct Detok {
 }
 
 impl Detok {
+    /// Adds the last ids of the sequence and returns all text not yet emitted, incomplete
+    /// characters included (rendered as U+FFFD, as a whole-sequence decode would).
+    pub fn finish(&mut self, codec: &TextCodec, new: &[u32]) -> String {
+        self.ids.extend_from_slice(new);
+        let prev = codec.decode(&self.ids[self.prefix..self.read]);
+        let text = codec.decode(&self.ids[self.prefix..]);
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        text.get(prev.len()..).unwrap_or_default().to_string()
+    }
+
     /// Adds `new` ids and returns the new complete text (possibly empty).
     pub fn push(&mut self, codec: &TextCodec, new: &[u32]) -> String {
         self.ids.extend_from_slice(new);

@@ -400,7 +400,10 @@ impl Engine {
             let Some(i) = g.position(r.seq_id) else { continue };
             let s = &mut g.running[i];
             s.generated.push(r.token_id);
+            let stop = s.tag.stop_ids.contains(&r.token_id);
+            let done = stop || s.generated.len() >= s.max_tokens;
             let text_delta = match &codec {
+                Some(c) if done => s.tag.detok.finish(c, &[r.token_id]),
                 Some(c) => s.tag.detok.push(c, &[r.token_id]),
                 None => String::new(),
             };
@@ -413,8 +416,7 @@ impl Engine {
                 routed_experts: r.routed_experts,
             };
             let _ = s.tag.tx.try_send(Event::Chunk(chunk));
-            let stop = s.tag.stop_ids.contains(&r.token_id);
-            if stop || s.generated.len() >= s.max_tokens {
+            if done {
                 let s = g.finish(i);
                 let final_ = GenerateFinal {
                     finish_reason: if stop { FinishReason::Stop } else { FinishReason::Length }
