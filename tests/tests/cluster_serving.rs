@@ -177,3 +177,27 @@ async fn killed_worker_ends_requests_unavailable_in_bounded_time() {
     let err = generate(&mut client, greedy_request(&[1, 2], 2)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_deadline_ends_with_deadline_exceeded_and_frees_blocks() {
+    let c = Cluster::start(Opts::default()).expect("cluster");
+    let mut client = c.client().await.unwrap();
+    let mut req = tonic::Request::new(greedy_request(&prompt(16, 9), 1000));
+    req.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("1000 tokens finished within the 300 ms deadline"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The engine's answer (not a transport timeout): it says how far generation got.
+    assert!(err.message().contains("generated tokens"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    eventually(Duration::from_secs(5), || async { status(&c).await.groups[0].kv_blocks_used == 0 })
+        .await
+        .expect("blocks freed after the deadline");
+}
