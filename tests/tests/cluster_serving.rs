@@ -154,7 +154,7 @@ async fn full_queue_answers_resource_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_worker_ends_requests_unavailable_in_bounded_time() {
+async fn killed_worker_ends_requests_unavailable_then_a_new_epoch_serves() {
     let mut c = Cluster::start(Opts::default()).expect("cluster");
     let mut client = c.client().await.unwrap();
     let mut stream =
@@ -176,6 +176,17 @@ async fn killed_worker_ends_requests_unavailable_in_bounded_time() {
     // New requests are refused UNAVAILABLE while no epoch serves.
     let err = generate(&mut client, greedy_request(&[1, 2], 2)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The worker comes back: a new epoch forms and serves the same answers.
+    c.restart_worker(0).unwrap();
+    eventually(Duration::from_secs(20), || async {
+        status(&c).await.state == ClusterState::Serving as i32
+    })
+    .await
+    .expect("serving again after the worker restarted");
+    assert_eq!(status(&c).await.epoch, 2);
+    let p = prompt(6, 4);
+    let got = generate(&mut client, greedy_request(&p, 5)).await.unwrap();
+    assert_eq!(got, Reference::load(&c.model).unwrap().greedy(&p, 5).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,9 @@ pub struct Cluster {
     pub coordinator: Child,
     pub addr: String,
     pub model: PathBuf,
+    /// Listen/advertise address of each worker.
+    pub worker_addrs: Vec<String>,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -109,6 +112,7 @@ impl Cluster {
         }
         std::fs::write(&config, toml)?;
         let mut workers = Vec::new();
+        let mut worker_addrs = Vec::new();
         let mut statics = Vec::new();
         for i in 0..opts.workers {
             let addr = format!("127.0.0.1:{}", port());
@@ -124,6 +128,7 @@ impl Cluster {
                     .spawn()
                     .context("spawning fathom worker")?,
             );
+            worker_addrs.push(addr.clone());
             if opts.etcd.is_none() {
                 statics.push(format!("--static-worker={id}={addr}"));
             }
@@ -153,11 +158,35 @@ impl Cluster {
                 }
             }
         });
-        let mut cluster = Cluster { workers, coordinator, addr: String::new(), model, _dir: dir };
+        let mut cluster = Cluster {
+            workers,
+            coordinator,
+            addr: String::new(),
+            model,
+            worker_addrs,
+            config: config.clone(),
+            _dir: dir,
+        };
         cluster.addr = rx
             .recv_timeout(Duration::from_secs(60))
             .context("the coordinator did not print `fathom: serving on` within 60 s")?;
         Ok(cluster)
+    }
+
+    /// Starts worker `i` again (same id and address) after it was killed.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        let addr = self.worker_addrs[i].clone();
+        let id = format!("w{i}");
+        self.workers[i] = Command::new(fathom_bin())
+            .args(["worker", "--id", &id, "--listen", &addr, "--advertise", &addr])
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("respawning fathom worker")?;
+        Ok(())
     }
 
     pub fn url(&self) -> String {
