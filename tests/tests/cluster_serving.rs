@@ -45,6 +45,28 @@ async fn greedy_through_the_cluster_equals_in_process_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_through_the_cluster_equals_in_process_sampler() {
+    let c = Cluster::start(Opts::default()).expect("cluster");
+    let reference = Reference::load(&c.model).unwrap();
+    let mut client = c.client().await.unwrap();
+    let p = prompt(9, 2);
+    for (t, top_p, top_k, seed) in [(0.8f32, 1.0f32, 20u32, 7u64), (1.3, 0.9, 0, 42)] {
+        let mut req = greedy_request(&p, 12);
+        let s = req.sampling.as_mut().unwrap();
+        (s.temperature, s.top_p, s.top_k, s.seed) = (t, top_p, top_k, Some(seed));
+        let got = generate(&mut client, req).await.unwrap();
+        let params = fathom_worker::sampling::SamplingParams {
+            temperature: t,
+            top_p,
+            top_k,
+            seed,
+            ..Default::default()
+        };
+        assert_eq!(got, reference.generate(&p, 12, &params).unwrap(), "t {t} seed {seed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_each_equal_running_alone() {
     // A small step budget forces chunked prefill and mixed prefill/decode steps.
     let c =

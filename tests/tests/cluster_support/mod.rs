@@ -244,6 +244,16 @@ impl Reference {
     }
 
     pub fn greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        self.generate(prompt, n, &fathom_worker::sampling::SamplingParams::greedy())
+    }
+
+    /// `n` tokens drawn with `p` (token i from the request's stream at index i).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        p: &fathom_worker::sampling::SamplingParams,
+    ) -> Result<Vec<u32>> {
         let bs = 16;
         let blocks = (prompt.len() + n).div_ceil(bs);
         let mut cache = self.model.new_cache(bs, blocks)?;
@@ -259,8 +269,7 @@ impl Reference {
                 block_table: &table[..end.div_ceil(bs)],
             }];
             let f = self.model.forward(&seqs, &mut cache, &ForwardOptions::default())?;
-            let p = fathom_worker::sampling::SamplingParams::greedy();
-            let t = fathom_worker::sampling::sample(&f.logits, &p, out.len() as u64)?.token;
+            let t = fathom_worker::sampling::sample(&f.logits, p, out.len() as u64)?.token;
             out.push(t);
             pos = end;
             feed = vec![t];
