@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use fathom_common::cluster::ClusterConfig;
 use fathom_coordinator::membership::{
-    EtcdMembership, EtcdOptions, Membership, Registration, WorkerId, WorkerInfo,
+    EtcdMembership, EtcdOptions, LeaseState, Membership, Registration, WorkerId, WorkerInfo,
 };
 use fathom_proto::v1::worker_server::WorkerServer;
 use fathom_worker::executor::single::SingleRankFactory;
@@ -111,6 +111,19 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
     let registration = register(&cfg, &id, addr).await?;
+    if let Some(r) = &registration {
+        let flag = service.lease_flag();
+        let mut states = r.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let held = matches!(*states.borrow_and_update(), LeaseState::Held { .. });
+                flag.store(held, std::sync::atomic::Ordering::Relaxed);
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(
         tonic::transport::Server::builder()

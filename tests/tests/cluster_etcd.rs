@@ -33,6 +33,17 @@ async fn workers_found_through_etcd_and_plan_published() {
     let workers = m.list_workers().await.unwrap();
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].address, plan.ranks[0].address);
+    // The worker reports its lease and its prepared epoch.
+    let mut w = fathom_proto::v1::worker_client::WorkerClient::connect(format!(
+        "http://{}",
+        c.worker_addrs[0]
+    ))
+    .await
+    .unwrap();
+    let h = w.health(fathom_proto::v1::WorkerHealthRequest {}).await.unwrap().into_inner();
+    assert!(h.lease_held, "{h:?}");
+    assert_eq!((h.epoch, h.rank), (1, Some(0)));
+    assert_eq!(h.state, fathom_proto::v1::WorkerState::Ready as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

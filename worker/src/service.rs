@@ -45,6 +45,9 @@ pub struct WorkerService {
     factory: Arc<dyn ExecutorFactory>,
     inner: Arc<Mutex<Inner>>,
     shutdown: watch::Sender<bool>,
+    /// Whether the membership lease is held (set by whoever registered the worker; stays false
+    /// without a membership store).
+    lease_held: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WorkerService {
@@ -62,7 +65,13 @@ impl WorkerService {
                 executor: None,
             })),
             shutdown: watch::channel(false).0,
+            lease_held: Arc::default(),
         }
+    }
+
+    /// The flag reported as `WorkerHealthResponse.lease_held`.
+    pub fn lease_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.lease_held.clone()
     }
 
     /// Becomes `true` when a Shutdown RPC was received; the binary exits on it.
@@ -256,7 +265,7 @@ impl Worker for WorkerService {
             rank: g.rank,
             device: self.device.clone(),
             last_step_id: g.last_step_id,
-            lease_held: false,
+            lease_held: self.lease_held.load(std::sync::atomic::Ordering::Relaxed),
             detail: g.detail.clone(),
             ..Default::default()
         }))
