@@ -21,6 +21,8 @@ pub enum BenchCommand {
     Comm(crate::bench_comm::Args),
     /// Sharded decode tokens/s over W threads (LocalComm), per layout WxT.
     ParallelDecode(crate::bench_parallel::Args),
+    /// Serving through a local cluster: requests/s, TTFT, coordinator overhead per step.
+    Serve(crate::bench_serve::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +66,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(a) => decode(a),
         BenchCommand::Comm(a) => crate::bench_comm::run(&a),
         BenchCommand::ParallelDecode(a) => crate::bench_parallel::run(&a),
+        BenchCommand::Serve(a) => crate::bench_serve::run(&a),
     }
 }
 

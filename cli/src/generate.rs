@@ -13,15 +13,17 @@ use fathom_worker::kv::{BlockAllocator, blocks_for};
 use fathom_worker::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
 use fathom_worker::weights::MemorySource;
 use safetensors::{Dtype, SafeTensors};
-use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// HF DeepSeek-V3.2 model directory (config.json, model.safetensors[.index.json]).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "endpoint")]
+    model: Option<PathBuf>,
+    /// gRPC endpoint of a running cluster (`fathom up`, `fathom coordinator`) instead of --model.
+    #[arg(long, conflicts_with = "model")]
+    endpoint: Option<String>,
     /// Prompt text, tokenized with the directory's tokenizer.json.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -65,22 +67,8 @@ pub struct GenerateArgs {
     parallel: crate::generate_parallel::ParallelArgs,
 }
 
-#[derive(Debug, Serialize)]
-struct Step {
-    top: Vec<(u32, f32)>,
-}
-
-#[derive(Debug, Serialize)]
-struct Output {
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-    text: String,
-    finish_reason: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    steps: Option<Vec<Step>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    routed_experts: Option<Vec<Vec<Vec<u32>>>>,
-}
+// The output format is shared with `--endpoint` (cli/src/client.rs).
+use crate::client::{GenerationOutput as Output, StepTop as Step};
 
 fn parse_ids(flag: &str, csv: &str) -> Result<Vec<u32>> {
     csv.split(',')
@@ -181,6 +169,9 @@ fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let Some(model_dir) = args.model.clone() else {
+        return remote(&args);
+    };
     if !args.temperature.is_finite() || args.temperature < 0.0 {
         bail!("--temperature {} must be a finite number >= 0", args.temperature);
     }
@@ -202,7 +193,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(|s| parse_ids("--stop-ids", s))
         .transpose()?
         .unwrap_or_default();
-    let tok_path = args.model.join("tokenizer.json");
+    let tok_path = model_dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(
             tokenizers::Tokenizer::from_file(&tok_path)
@@ -228,7 +219,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty: at least one token is needed");
     }
 
-    let (cfg, src) = load_model_dir(&args.model)?;
+    let (cfg, src) = load_model_dir(&model_dir)?;
     if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
         bail!("prompt token id {id} is not below vocab_size {}", cfg.vocab_size);
     }
@@ -258,7 +249,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             record_routing: args.return_routed_experts,
         };
         let (generated, logits, routed) =
-            crate::generate_parallel::generate(&args.parallel, &args.model, &cfg, &src, &job)?;
+            crate::generate_parallel::generate(&args.parallel, &model_dir, &cfg, &src, &job)?;
         let finish =
             if generated.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
         let steps =
@@ -332,9 +323,10 @@ fn emit(
             prompt_ids,
             generated_ids: generated,
             text,
-            finish_reason: finish,
+            finish_reason: finish.into(),
             steps: args.logits_topk.map(|_| steps),
             routed_experts: args.return_routed_experts.then_some(routed),
+            ..Default::default()
         };
         println!("{}", serde_json::to_string(&o)?);
     } else if tokenizer.is_some() {
@@ -343,4 +335,33 @@ fn emit(
         println!("{}", generated.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     }
     Ok(())
+}
+
+/// `--endpoint`: the same request through a running cluster (cli/src/client.rs).
+fn remote(args: &GenerateArgs) -> Result<()> {
+    let ids = |flag: &str, v: &Option<String>| v.as_deref().map(|s| parse_ids(flag, s)).transpose();
+    let remote = crate::client::GenerateArgs {
+        model: None,
+        endpoint: args.endpoint.clone(),
+        prompt: args.prompt.clone(),
+        prompt_ids: ids("--prompt-ids", &args.prompt_ids)?,
+        max_new_tokens: u32::try_from(args.max_new_tokens)
+            .map_err(|_| anyhow!("--max-new-tokens {} is too large", args.max_new_tokens))?,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: Some(args.seed),
+        stop_ids: ids("--stop-ids", &args.stop_ids)?.unwrap_or_default(),
+        ignore_eos: args.ignore_eos,
+        json: args.json,
+        logits_topk: args.logits_topk.unwrap_or(0) as u32,
+        return_routed_experts: args.return_routed_experts,
+        return_logprobs: false,
+        world_size: 1,
+        tp: 1,
+        comm: "local".into(),
+        device: "cpu".into(),
+        timeout_ms: 0,
+    };
+    crate::client::run(&remote)
 }

@@ -6,9 +6,14 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_comm;
 mod bench_parallel;
+mod bench_serve;
 mod checkpoint;
+mod client;
+mod coordinator;
 mod generate;
 mod generate_parallel;
+mod up;
+mod worker;
 
 /// Fathom serves DeepSeek-V3.2 on a cluster of GPU (or CPU) workers.
 #[derive(Debug, Parser)]
@@ -32,6 +37,27 @@ enum Command {
     /// Benchmarks; records worth keeping go to docs/perf/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Start a coordinator and W worker processes on this machine.
+    Up(up::UpArgs),
+    /// Run the coordinator role (one process).
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Run the worker role (one process, one rank).
+    Worker(worker::WorkerArgs),
+}
+
+/// Cache directory of `fathom up` (resolved here: libraries never read the environment).
+fn cache_dir(flag: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = match (flag, std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty())) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(x)) => std::path::PathBuf::from(x).join("fathom"),
+        (None, None) => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+            std::path::PathBuf::from(home).join(".cache").join("fathom")
+        }
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating the cache directory {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn main() {
@@ -46,6 +72,9 @@ fn main() {
         }
         Err(e) => e.exit(),
     };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FATHOM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result: anyhow::Result<()> = match cli.command {
         Command::Version => {
             println!("fathom {}", env!("CARGO_PKG_VERSION"));
@@ -55,6 +84,9 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Rank(args) => generate_parallel::run_rank_cmd(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c)),
+        Command::Coordinator(a) => coordinator::run(&a),
+        Command::Worker(a) => worker::run(&a),
     };
     if let Err(e) = result {
         // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are

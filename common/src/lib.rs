@@ -1,12 +1,10 @@
 //! `fathom-common`: the pure data types every other Fathom crate shares.
 //!
 //! Owns: [`ModelConfig`] (a typed mirror of a Hugging Face DeepSeek-V3.2 `config.json`, its
+//! validation, derived quantities and named presets), the canonical checkpoint tensor list
 //! ([`tensors`]), the cluster config file read by
-//! `fathom coordinator|worker --config` ([`cluster`]), and small id newtypes ([`ids`]).
 //! `fathom coordinator|worker --config` ([`cluster`]), small id newtypes ([`ids`]), and the
 //! parallel layout and expert placement of a plan epoch ([`plan`]).
-//! validation, derived quantities and named presets), the canonical checkpoint tensor list
-//! validation, derived quantities and named presets), the cluster config file read by
 //!
 //! Does not own: anything that performs I/O beyond reading a config file, anything async, and
 //! anything device-specific. This crate depends on no runtime (no tokio, tonic or cudarc), so

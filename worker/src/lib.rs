@@ -6,8 +6,10 @@
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
+pub mod executor;
 pub mod kv;
 pub mod model;
 pub mod parallel;
 pub mod sampling;
+pub mod service;
 pub mod weights;

@@ -1,0 +1,296 @@
+//! `fathom up`: a whole cluster on this machine — the coordinator in this process and W worker
+//! processes spawned as `fathom worker --id wN --listen 127.0.0.1:P --advertise 127.0.0.1:P
+//! --config FILE` (explicit flags, never environment variables).
+//!
+//! Membership: without `--etcd` the coordinator is given its workers explicitly (a static worker
+//! directory built from the processes it spawned), so no store has to be shared between
+//! processes; with `--etcd URL` the config names the store.
+//!
+//! Without `--model` the `tiny` preset is synthesized once into the cache directory
+//! (`--cache-dir`, default `$XDG_CACHE_HOME/fathom` or `~/.cache/fathom`, resolved by `main`).
+//!
+//! Children are owned by a guard that kills and reaps every one of them on every exit path
+//! (success, error, Ctrl-C): no process outlives `fathom up`.
+
+use crate::client::{GenerateArgs, generate_remote};
+use crate::coordinator::{CoordinatorArgs, start_coordinator, wait_serving};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fathom_common::ModelConfig;
+use fathom_common::cluster::ClusterConfig;
+use fathom_proto::v1::ShutdownRequest;
+use fathom_proto::v1::worker_client::WorkerClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Model directory; default: the synthesized `tiny` checkpoint in the cache directory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Worker processes (W).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Tensor-parallel size T (divides W).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Coordinator port (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// etcd client URL for membership (default: workers given to the coordinator directly).
+    #[arg(long)]
+    pub etcd: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Send one prompt, print the streamed answer and timings, then shut down.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// The prompt as token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: u32,
+    /// Do not stop at EOS (exactly `--max-new-tokens` tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print the answer as one JSON object (as `fathom generate --json`).
+    #[arg(long)]
+    pub json: bool,
+    /// Where the synthesized model is cached.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// KV blocks per group.
+    #[arg(long, default_value_t = 512)]
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// How long to wait for the workers to load and the cluster to serve.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout_s: u64,
+}
+
+/// Every child process; killed and reaped on drop.
+#[derive(Debug, Default)]
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    /// Exits of children that already ended (a worker that died during start-up).
+    fn check(&mut self) -> Result<()> {
+        for (name, c) in &mut self.0 {
+            if let Some(status) = c.try_wait()? {
+                bail!("{name} exited early with {status}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `grace` for every child to exit by itself, then kills the rest.
+    fn reap(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for (_, c) in &mut self.0 {
+            while Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for (_, mut c) in self.0.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.reap(Duration::ZERO);
+    }
+}
+
+/// The model directory to serve: `--model`, or the `tiny` preset synthesized into `cache`.
+fn model_dir(args: &UpArgs, cache: &Path) -> Result<PathBuf> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
+    }
+    let dir = cache.join("tiny-f32-seed0");
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    eprintln!("fathom: synthesizing the tiny model into {}", dir.display());
+    // Synthesize beside the target and rename, so a crash never leaves a half-written model.
+    let tmp = cache.join(format!("tiny-f32-seed0.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let opts = fathom_worker::weights::SynthOptions::default();
+    fathom_worker::weights::synth_checkpoint(&ModelConfig::tiny(), &opts, &tmp)
+        .context("synthesizing the tiny checkpoint")?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("config.json").exists() {
+            return Err(e).context("moving the synthesized model into place");
+        }
+    }
+    Ok(dir)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `fathom up`. `cache` is the resolved cache directory.
+pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
+    if args.workers == 0 || args.tp == 0 || args.workers % args.tp != 0 {
+        bail!("--tp {} must divide --workers {} (both >= 1)", args.tp, args.workers);
+    }
+    let model = model_dir(args, cache)?;
+    let run_dir = tempfile::Builder::new().prefix("fathom-up-").tempdir()?;
+    let mut cfg = ClusterConfig::from_toml_str("", "defaults")?;
+    cfg.model.path = model.clone();
+    cfg.parallel.world_size = args.workers;
+    cfg.parallel.tp = args.tp;
+    cfg.worker.device = args.device.clone();
+    if let Some(e) = &args.etcd {
+        cfg.membership.etcd_endpoints = vec![e.clone()];
+    }
+    cfg.coordinator.listen = format!("127.0.0.1:{}", args.port);
+    cfg.coordinator.kv_blocks = args.kv_blocks;
+    cfg.coordinator.kv_block_size = args.kv_block_size;
+    cfg.validate()?;
+    let config_path = run_dir.path().join("cluster.toml");
+    std::fs::write(&config_path, cfg.to_toml())?;
+
+    let exe = std::env::current_exe().context("locating the fathom binary")?;
+    let mut children = Children::default();
+    let mut statics = Vec::new();
+    let mut worker_addrs = Vec::new();
+    for i in 0..args.workers {
+        let id = format!("w{i}");
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let child = Command::new(&exe)
+            .arg("worker")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--id")
+            .arg(&id)
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--advertise")
+            .arg(&addr)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning worker {id}"))?;
+        children.0.push((format!("worker {id}"), child));
+        statics.push(format!("{id}={addr}"));
+        worker_addrs.push(addr);
+    }
+    let coord_args = CoordinatorArgs {
+        config: Some(config_path.clone()),
+        listen: None,
+        model: None,
+        world_size: None,
+        tp: None,
+        // With etcd the coordinator discovers the workers there; else it is told them.
+        static_workers: if args.etcd.is_some() { Vec::new() } else { statics },
+        admin_token: None,
+        kv_blocks: None,
+        kv_block_size: None,
+        max_queue: None,
+        max_step_tokens: None,
+        max_batch: None,
+        step_timeout_ms: None,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let result = rt.block_on(serve(args, &coord_args, &mut children, &worker_addrs));
+    rt.block_on(stop_workers(&worker_addrs));
+    children.reap(Duration::from_secs(5));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(
+    args: &UpArgs,
+    coord_args: &CoordinatorArgs,
+    children: &mut Children,
+    _workers: &[String],
+) -> Result<()> {
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let mut c = start_coordinator(coord_args, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    })
+    .await?;
+    let ready = Duration::from_secs(args.ready_timeout_s);
+    let started = Instant::now();
+    tokio::select! {
+        r = wait_serving(&mut c, ready) => r?,
+        _ = tokio::signal::ctrl_c() => { let _ = tx.send(true); bail!("interrupted") }
+        r = watch_children(children) => { let _ = tx.send(true); r?; }
+    }
+    println!("fathom: serving on {}", c.addr);
+    eprintln!("fathom: cluster ready in {:.1} s", started.elapsed().as_secs_f64());
+    let outcome = if args.prompt.is_some() || args.prompt_ids.is_some() {
+        let g = GenerateArgs {
+            model: None,
+            endpoint: Some(c.addr.to_string()),
+            prompt: args.prompt.clone(),
+            prompt_ids: args.prompt_ids.clone(),
+            max_new_tokens: args.max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop_ids: Vec::new(),
+            ignore_eos: args.ignore_eos,
+            json: args.json,
+            logits_topk: 0,
+            return_routed_experts: false,
+            return_logprobs: false,
+            world_size: 1,
+            tp: 1,
+            comm: "local".into(),
+            device: args.device.clone(),
+            timeout_ms: 0,
+        };
+        let endpoint = c.addr.to_string();
+        tokio::select! {
+            r = generate_remote(&endpoint, &g, !args.json) => r.and_then(|(out, t)| {
+                out.print(args.json)?;
+                t.print();
+                Ok(())
+            }),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    } else {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(()),
+            r = watch_children(children) => r,
+        }
+    };
+    let _ = tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut c.server).await;
+    outcome
+}
+
+/// Resolves with an error as soon as a child exits.
+async fn watch_children(children: &mut Children) -> Result<()> {
+    loop {
+        children.check()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks every worker to stop (best effort, bounded).
+async fn stop_workers(addrs: &[String]) {
+    for a in addrs {
+        let call = async {
+            let mut w = WorkerClient::connect(format!("http://{a}")).await.ok()?;
+            w.shutdown(ShutdownRequest { reason: "fathom up is stopping".into(), grace_ms: 1000 })
+                .await
+                .ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
+    }
+}

@@ -1,0 +1,158 @@
+//! `fathom worker`: one worker process (one rank), as Kubernetes runs it.
+//!
+//! Reads the cluster config (`--config`, the file the Helm chart writes), applies flags, serves
+//! `fathom.v1.Worker` on `--listen` and waits for the coordinator's PrepareEpoch. Exits on the
+//! Shutdown RPC, Ctrl-C or SIGTERM. Prints `fathom: worker ID listening on ADDR` to stderr once
+//! the port is bound.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fathom_common::cluster::ClusterConfig;
+use fathom_coordinator::membership::{
+    EtcdMembership, EtcdOptions, LeaseState, Membership, Registration, WorkerId, WorkerInfo,
+};
+use fathom_proto::v1::worker_server::WorkerServer;
+use fathom_worker::executor::single::SingleRankFactory;
+use fathom_worker::service::WorkerService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Largest step message accepted from the coordinator.
+const MAX_STEP_BYTES: usize = 64 << 20;
+/// How long open streams may delay the exit after a stop request.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Cluster config file (TOML, as the Helm chart writes it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Stable worker id (its membership key).
+    #[arg(long)]
+    pub id: String,
+    /// Address the coordinator reaches this worker on (default: the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Listen address (overrides `worker.listen`).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// `cpu` or `cuda[:N]` (overrides `worker.device`).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// Registers in etcd membership when the config names endpoints (lease kept alive until the
+/// returned registration is released or dropped).
+async fn register(
+    cfg: &ClusterConfig,
+    id: &str,
+    bound: std::net::SocketAddr,
+) -> Result<Option<Registration>> {
+    if cfg.membership.etcd_endpoints.is_empty() {
+        return Ok(None);
+    }
+    let m = EtcdMembership::connect(
+        &cfg.membership.etcd_endpoints,
+        &cfg.cluster,
+        EtcdOptions::default(),
+    )
+    .await
+    .context("connecting to etcd")?;
+    let info = WorkerInfo {
+        id: WorkerId::new(id)?,
+        address: cfg.worker.advertise.clone().unwrap_or_else(|| bound.to_string()),
+        device: cfg.worker.device.clone(),
+        memory_bytes: 0,
+    };
+    let ttl = std::time::Duration::from_secs(cfg.membership.lease_ttl_s);
+    let r = m.register_worker(info, ttl).await.context("registering in membership")?;
+    eprintln!("fathom: worker {id} registered in cluster {}", cfg.cluster);
+    Ok(Some(r))
+}
+
+/// Loads `--config` (or defaults) for either role.
+pub fn load_config(path: Option<&PathBuf>) -> Result<ClusterConfig> {
+    Ok(match path {
+        Some(p) => ClusterConfig::from_file(p)?,
+        None => ClusterConfig::from_toml_str("", "defaults")?,
+    })
+}
+
+pub fn run(args: &WorkerArgs) -> Result<()> {
+    let mut cfg = load_config(args.config.as_ref())?;
+    if let Some(l) = &args.listen {
+        cfg.worker.listen = l.clone();
+    }
+    if let Some(d) = &args.device {
+        cfg.worker.device = d.clone();
+    }
+    if let Some(a) = &args.advertise {
+        cfg.worker.advertise = Some(a.clone());
+    }
+    cfg.validate()?;
+    if cfg.worker.device != "cpu" {
+        bail!("device {:?}: this build runs workers on cpu only", cfg.worker.device);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let result = rt.block_on(serve(cfg, args.id.clone()));
+    // A step still running on a blocking thread must not hold the exit.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result
+}
+
+async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&cfg.worker.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.worker.listen))?;
+    let addr = listener.local_addr()?;
+    let service =
+        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(SingleRankFactory));
+    let mut stop = service.shutdown_signal();
+    eprintln!("fathom: worker {id} listening on {addr}");
+    let registration = register(&cfg, &id, addr).await?;
+    if let Some(r) = &registration {
+        let flag = service.lease_flag();
+        let mut states = r.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let held = matches!(*states.borrow_and_update(), LeaseState::Held { .. });
+                flag.store(held, std::sync::atomic::Ordering::Relaxed);
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                WorkerServer::new(service)
+                    .max_decoding_message_size(MAX_STEP_BYTES)
+                    .max_encoding_message_size(MAX_STEP_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }),
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let _ = tx.send(true);
+    // Graceful stop waits for open streams (the coordinator's step stream); bound it.
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(r)) => r.context("worker server")?,
+        Ok(Err(e)) => bail!("worker server task: {e}"),
+        Err(_) => {}
+    }
+    if let Some(r) = registration {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, r.release()).await;
+    }
+    eprintln!("fathom: worker {id} stopped");
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The serving engine: the coordinator's loop from admitted requests to streamed tokens.
+//!
+//! Owns: the cluster lifecycle as seen by serving (wait for the configured world → plan →
+//! PrepareEpoch on every rank → serve → on a worker failure end affected requests UNAVAILABLE and
+//! form a new epoch), the step loop (admission at step boundaries, building one `StepRequest`,
+//! sending it to every rank, collecting results, streaming chunks), cancellation (a dropped
+//! client stream leaves at the next step boundary, its blocks freed), deadlines and the
+//! status snapshot the Admin API reads.
+//!
+//! Layout: `sched.rs` (pure bookkeeping and batching policy), `link.rs` (gRPC to one worker),
+//! `run.rs` (the loop), `detok.rs` (text deltas).
+//!
+//! Does not own: request validation and error → status mapping (`api/`), plans (`planner/`).
+//!
+//! Invariants: exactly one task (the loop) mutates scheduler state; clients only talk to it
+//! through [`EngineHandle`]; every accepted request ends with exactly one [`Event::Final`] or
+//! [`Event::Error`] unless its client went away first.
+
+pub mod detok;
+pub mod link;
+mod run;
+pub mod sched;
+
+use fathom_proto::v1::{GenerateChunk, GenerateFinal, SamplingParams, SeqOutputs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub use run::{WorkerDirectory, spawn_engine};
+
+/// Why a request failed (mapped to a gRPC status in `api/status.rs` only).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("admission queue is full ({depth} requests waiting)")]
+    QueueFull { depth: usize },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("deadline exceeded after {generated} generated tokens")]
+    DeadlineExceeded { generated: usize },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Static settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_queue: usize,
+    pub max_step_tokens: usize,
+    pub max_batch: usize,
+    pub kv_block_size: usize,
+    pub kv_blocks: usize,
+    /// A step not answered by every rank within this time fails its epoch.
+    pub step_timeout: Duration,
+    /// World size and TP of the plans to form.
+    pub world_size: usize,
+    pub tp: usize,
+    /// Model checkpoint directory (sent in the plan).
+    pub model_path: String,
+    /// Collective backend named in the plan.
+    pub comm: String,
+    pub eos_ids: Vec<u32>,
+    pub cluster: String,
+}
+
+/// One message to a client stream.
+#[derive(Debug)]
+pub enum Event {
+    Chunk(GenerateChunk),
+    Final(GenerateFinal),
+    Error(EngineError),
+}
+
+/// A validated request handed to the engine.
+#[derive(Debug)]
+pub struct Submission {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    pub outputs: SeqOutputs,
+    pub return_prompt_ids: bool,
+    pub deadline: Option<Instant>,
+    pub tx: mpsc::Sender<Event>,
+}
+
+/// Serving state (mirrors `fathom.v1.ClusterState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServingState {
+    WaitingForWorkers,
+    Preparing,
+    Serving,
+    Reconfiguring,
+}
+
+/// One rank as the engine last saw it.
+#[derive(Debug, Clone)]
+pub struct RankStatus {
+    pub rank: u32,
+    pub worker_id: String,
+    pub address: String,
+    pub healthy: bool,
+    pub last_seen: Instant,
+    pub detail: String,
+}
+
+/// What the Admin API and health reporting read.
+#[derive(Debug, Clone)]
+pub struct StatusSnapshot {
+    pub state: ServingState,
+    pub epoch: u64,
+    pub world_size: u32,
+    pub tp: u32,
+    pub ranks: Vec<RankStatus>,
+    /// Sums over groups.
+    pub kv_blocks_total: u32,
+    pub kv_blocks_used: u32,
+    pub kv_block_size: u32,
+    pub running: u32,
+    /// Per attention group.
+    pub groups: Vec<GroupUsage>,
+    pub queue_depth: u32,
+    /// Coordinator time per step excluding the wait for ranks (scheduling + messaging), EWMA.
+    pub overhead_us_ewma: f64,
+    pub steps: u64,
+}
+
+/// KV and batch usage of one attention group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupUsage {
+    pub total: u32,
+    pub used: u32,
+    pub running: u32,
+}
+
+/// Per-step coordinator overhead samples (for `fathom bench serve`), bounded.
+#[derive(Debug, Default)]
+pub struct StepStats {
+    /// (sequences in step, coordinator overhead µs, rank wait µs).
+    pub samples: Vec<(u32, u64, u64)>,
+}
+
+/// The clients' side of the engine. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Submission>,
+    pending: Arc<AtomicUsize>,
+    max_queue: usize,
+    status: Arc<Mutex<StatusSnapshot>>,
+    stats: Arc<Mutex<StepStats>>,
+}
+
+impl EngineHandle {
+    /// Queues a request. Fails with `QueueFull` when `max_queue` requests already wait for
+    /// admission, `Unavailable` when the engine is not serving or has stopped.
+    pub fn submit(&self, sub: Submission) -> Result<(), EngineError> {
+        if self.status().state != ServingState::Serving {
+            return Err(EngineError::Unavailable("the cluster is not serving yet".into()));
+        }
+        let depth = self.pending.fetch_add(1, Ordering::SeqCst);
+        if depth >= self.max_queue {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull { depth });
+        }
+        self.tx.send(sub).map_err(|_| {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            EngineError::Unavailable("the coordinator is shutting down".into())
+        })
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> StatusSnapshot {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.queue_depth = self.pending.load(Ordering::SeqCst) as u32;
+        s
+    }
+
+    /// Takes the recorded per-step samples.
+    pub fn take_step_stats(&self) -> StepStats {
+        std::mem::take(&mut *self.stats.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}

@@ -1,0 +1,482 @@
+//! The engine loop: epochs (form → prepare → serve → fail over) and steps.
+//!
+//! One task owns all scheduler state. Each iteration: take new submissions; drop sequences whose
+//! client went away or whose deadline passed (blocks freed); admit; build one step (per group);
+//! send it to every rank; wait for every rank's result (bounded by the step timeout); stream the
+//! sampled tokens. Any rank failure ends the epoch: every request in flight or queued ends
+//! UNAVAILABLE (no hang), and a new epoch is formed from the live workers.
+
+use super::detok::{Detok, TextCodec};
+use super::link::{LinkError, WorkerLink, connect};
+use super::sched::{GroupSched, Limits, Seq};
+use super::{
+    EngineConfig, EngineError, EngineHandle, Event, GroupUsage, RankStatus, ServingState,
+    StatusSnapshot, StepStats, Submission,
+};
+use crate::planner::{Member, PlanInputs, form_plan};
+use fathom_common::ModelConfig;
+use fathom_proto::v1::{
+    FinishReason, GenerateChunk, GenerateFinal, GroupStep, Plan, StepFlags, StepRequest,
+    StepResult, Usage,
+};
+use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Where the engine learns which workers are live.
+pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
+    /// The live workers (any order).
+    fn live_workers(&self) -> BoxFuture<'_, Result<Vec<Member>, String>>;
+
+    /// The newest epoch already used (a new plan takes the next one). Default: none stored.
+    fn current_epoch(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Records `plan` before its ranks are prepared. Default: nowhere.
+    fn publish_plan(&self, _plan: &Plan) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// How long PrepareEpoch may take (shard loading of a big checkpoint).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_millis(300);
+const MAX_STAT_SAMPLES: usize = 200_000;
+/// How often a blocked engine (nothing runnable) re-checks cancellations and deadlines.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Per-request state the engine attaches to a scheduler sequence.
+#[derive(Debug)]
+struct Tag {
+    tx: mpsc::Sender<Event>,
+    request_id: String,
+    deadline: Option<Instant>,
+    detok: Detok,
+    return_prompt_ids: bool,
+    stop_ids: Vec<u32>,
+}
+
+type S = GroupSched<Tag>;
+
+struct Engine {
+    cfg: EngineConfig,
+    model: ModelConfig,
+    codec: Option<TextCodec>,
+    directory: Arc<dyn WorkerDirectory>,
+    rx: mpsc::UnboundedReceiver<Submission>,
+    pending: Arc<AtomicUsize>,
+    status: Arc<Mutex<StatusSnapshot>>,
+    stats: Arc<Mutex<StepStats>>,
+    state_tx: watch::Sender<ServingState>,
+    groups: Vec<S>,
+    epoch: u64,
+    step_id: u64,
+    next_seq: u64,
+}
+
+/// Starts the engine task. Returns the clients' handle and a receiver of the serving state
+/// (for health reporting).
+pub fn spawn_engine(
+    cfg: EngineConfig,
+    model: ModelConfig,
+    codec: Option<TextCodec>,
+    directory: Arc<dyn WorkerDirectory>,
+) -> (EngineHandle, watch::Receiver<ServingState>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let status = Arc::new(Mutex::new(StatusSnapshot {
+        state: ServingState::WaitingForWorkers,
+        epoch: 0,
+        world_size: cfg.world_size as u32,
+        tp: cfg.tp as u32,
+        ranks: Vec::new(),
+        kv_blocks_total: cfg.kv_blocks as u32,
+        kv_blocks_used: 0,
+        kv_block_size: cfg.kv_block_size as u32,
+        running: 0,
+        groups: Vec::new(),
+        queue_depth: 0,
+        overhead_us_ewma: 0.0,
+        steps: 0,
+    }));
+    let stats = Arc::new(Mutex::new(StepStats::default()));
+    let (state_tx, state_rx) = watch::channel(ServingState::WaitingForWorkers);
+    let handle = EngineHandle {
+        tx,
+        pending: pending.clone(),
+        max_queue: cfg.max_queue,
+        status: status.clone(),
+        stats: stats.clone(),
+    };
+    let d = (cfg.world_size / cfg.tp).max(1);
+    let limits = Limits {
+        max_step_tokens: cfg.max_step_tokens,
+        max_batch: cfg.max_batch,
+        block_size: cfg.kv_block_size,
+    };
+    let engine = Engine {
+        groups: (0..d).map(|_| GroupSched::new(limits, cfg.kv_blocks)).collect(),
+        cfg,
+        model,
+        codec,
+        directory,
+        rx,
+        pending,
+        status,
+        stats,
+        state_tx,
+        epoch: 0,
+        step_id: 0,
+        next_seq: 1,
+    };
+    tokio::spawn(engine.run());
+    (handle, state_rx)
+}
+
+impl Engine {
+    fn set_state(&self, state: ServingState) {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).state = state;
+        self.state_tx.send_replace(state);
+    }
+
+    async fn run(mut self) {
+        loop {
+            self.set_state(if self.epoch == 0 {
+                ServingState::WaitingForWorkers
+            } else {
+                ServingState::Reconfiguring
+            });
+            let mut links = loop {
+                match self.form_epoch().await {
+                    Ok(links) => break links,
+                    Err(e) => {
+                        tracing::info!("{e}");
+                        if self.rx.is_closed() {
+                            return;
+                        }
+                        self.fail_queued(&e);
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+            };
+            self.set_state(ServingState::Serving);
+            tracing::info!(epoch = self.epoch, "serving");
+            match self.serve(&mut links).await {
+                Ok(()) => return, // all handles dropped: shutting down
+                Err(e) => {
+                    tracing::warn!(epoch = self.epoch, "epoch failed: {e}");
+                    let msg = format!("epoch {} failed: {e}", self.epoch);
+                    self.set_state(ServingState::Reconfiguring);
+                    for g in &mut self.groups {
+                        for s in g.drain_all() {
+                            let _ = s
+                                .tag
+                                .tx
+                                .try_send(Event::Error(EngineError::Unavailable(msg.clone())));
+                        }
+                        g.released.clear();
+                    }
+                    self.fail_queued(&msg);
+                    self.publish_status(&links, 0.0);
+                }
+            }
+        }
+    }
+
+    /// Answers every queued, not yet scheduled submission UNAVAILABLE.
+    fn fail_queued(&mut self, why: &str) {
+        while let Ok(sub) = self.rx.try_recv() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            let _ = sub.tx.try_send(Event::Error(EngineError::Unavailable(why.to_string())));
+        }
+        for g in &mut self.groups {
+            while let Some(s) = g.waiting.pop_front() {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                let _ = s.tag.tx.try_send(Event::Error(EngineError::Unavailable(why.into())));
+            }
+        }
+    }
+
+    /// Plans a new epoch over the live workers and prepares every rank.
+    async fn form_epoch(&mut self) -> Result<Vec<WorkerLink>, String> {
+        let members = self.directory.live_workers().await?;
+        let stored = self.directory.current_epoch().await?;
+        let inputs = PlanInputs {
+            epoch: self.epoch.max(stored) + 1,
+            world_size: self.cfg.world_size,
+            tp: self.cfg.tp,
+            model: &self.model,
+            model_path: self.cfg.model_path.clone(),
+            kv_block_size: self.cfg.kv_block_size,
+            kv_blocks: self.cfg.kv_blocks,
+            comm: self.cfg.comm.clone(),
+        };
+        let plan = form_plan(&inputs, &members).map_err(|e| e.to_string())?;
+        let mut links = Vec::new();
+        for r in &plan.ranks {
+            let client = connect(&r.address, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| format!("worker {} ({}): {e}", r.worker_id, r.address))?;
+            links.push(WorkerLink::new(r.rank, r.worker_id.clone(), r.address.clone(), client));
+        }
+        self.directory.publish_plan(&plan).await?;
+        self.set_state(ServingState::Preparing);
+        tracing::info!(epoch = plan.epoch, world = plan.world_size, "preparing epoch");
+        let prepared = futures::future::join_all(
+            links.iter_mut().map(|l| l.prepare(plan.clone(), PREPARE_TIMEOUT)),
+        )
+        .await;
+        for p in prepared {
+            p.map_err(|e| e.to_string())?;
+        }
+        for l in &mut links {
+            l.open_steps(CONNECT_TIMEOUT).await.map_err(|e| e.to_string())?;
+        }
+        self.epoch = plan.epoch;
+        self.step_id = 0;
+        self.publish_status(&links, 0.0);
+        Ok(links)
+    }
+
+    /// Steps until a rank fails (`Err`) or every client handle is gone (`Ok`).
+    async fn serve(&mut self, links: &mut [WorkerLink]) -> Result<(), LinkError> {
+        let mut ewma = 0.0;
+        loop {
+            let idle = self.groups.iter().all(|g| g.running.is_empty() && g.waiting.is_empty());
+            if idle {
+                match self.rx.recv().await {
+                    Some(sub) => self.enqueue(sub),
+                    None => return Ok(()),
+                }
+            }
+            while let Ok(sub) = self.rx.try_recv() {
+                self.enqueue(sub);
+            }
+            let t0 = Instant::now();
+            self.reap();
+            let mut any = false;
+            let mut nseqs = 0;
+            let mut groups = Vec::with_capacity(self.groups.len());
+            for (gi, g) in self.groups.iter_mut().enumerate() {
+                let before = g.waiting.len();
+                g.admit();
+                self.pending.fetch_sub(before - g.waiting.len(), Ordering::SeqCst);
+                let seqs = g.build();
+                any |= !seqs.is_empty();
+                nseqs += seqs.len();
+                groups.push(GroupStep {
+                    group: gi as u32,
+                    seqs,
+                    released_seq_ids: std::mem::take(&mut g.released),
+                });
+            }
+            if !any {
+                // Nothing runnable (all cancelled, or waiting on blocks that nothing frees).
+                // Wait briefly for a submission so cancellations and deadlines are still seen.
+                self.publish_status(links, ewma);
+                match tokio::time::timeout(IDLE_POLL, self.rx.recv()).await {
+                    Ok(Some(sub)) => self.enqueue(sub),
+                    Ok(None) => return Ok(()),
+                    Err(_) => {}
+                }
+                continue;
+            }
+            self.step_id += 1;
+            let step = StepRequest {
+                epoch: self.epoch,
+                step_id: self.step_id,
+                groups,
+                flags: Some(StepFlags::default()),
+            };
+            let (last, rest) = links.split_last().expect("a plan has at least one rank");
+            for l in rest {
+                l.send(step.clone()).await?;
+            }
+            last.send(step).await?;
+            let sent = t0.elapsed();
+            let t1 = Instant::now();
+            let timeout = self.cfg.step_timeout;
+            let results =
+                futures::future::join_all(links.iter_mut().map(|l| l.recv(timeout))).await;
+            let waited = t1.elapsed();
+            let t2 = Instant::now();
+            let mut ok = Vec::with_capacity(results.len());
+            for (l, r) in links.iter().zip(results) {
+                let r = r?;
+                if !r.error.is_empty() {
+                    return Err(LinkError {
+                        worker_id: l.worker_id.clone(),
+                        address: l.address.clone(),
+                        reason: format!("step {}: {}", self.step_id, r.error),
+                    });
+                }
+                ok.push(r);
+            }
+            let tp = self.cfg.tp as u32;
+            for r in ok.into_iter().filter(|r| r.rank % tp == 0) {
+                self.apply(r);
+            }
+            let overhead = sent + t2.elapsed();
+            let us = overhead.as_secs_f64() * 1e6;
+            ewma = if ewma == 0.0 { us } else { 0.95 * ewma + 0.05 * us };
+            {
+                let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                if st.samples.len() < MAX_STAT_SAMPLES {
+                    st.samples.push((
+                        nseqs as u32,
+                        overhead.as_micros() as u64,
+                        waited.as_micros() as u64,
+                    ));
+                }
+            }
+            self.publish_status(links, ewma);
+        }
+    }
+
+    fn enqueue(&mut self, sub: Submission) {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let mut stop_ids = sub.sampling.stop_token_ids.clone();
+        if !sub.sampling.ignore_eos {
+            stop_ids.extend(self.cfg.eos_ids.iter().copied());
+        }
+        let seq = Seq {
+            id,
+            prompt: sub.prompt,
+            generated: Vec::new(),
+            prefilled: 0,
+            max_tokens: sub.max_tokens,
+            sampling: sub.sampling,
+            seed: sub.seed,
+            outputs: sub.outputs,
+            blocks: Vec::new(),
+            tag: Tag {
+                tx: sub.tx,
+                request_id: sub.request_id,
+                deadline: sub.deadline,
+                detok: Detok::default(),
+                return_prompt_ids: sub.return_prompt_ids,
+                stop_ids,
+            },
+        };
+        // The group with the most free blocks takes it.
+        let g = (0..self.groups.len())
+            .max_by_key(|&i| (self.groups[i].pool.free(), std::cmp::Reverse(i)))
+            .unwrap_or(0);
+        self.groups[g].waiting.push_back(seq);
+    }
+
+    /// Removes cancelled (client gone) and expired sequences; their blocks return to the pool.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for g in &mut self.groups {
+            let waiting_before = g.waiting.len();
+            let gone = g
+                .remove_where(|s| s.tag.tx.is_closed() || s.tag.deadline.is_some_and(|d| now >= d));
+            let left_waiting = waiting_before - g.waiting.len();
+            self.pending.fetch_sub(left_waiting, Ordering::SeqCst);
+            for s in gone {
+                if !s.tag.tx.is_closed() {
+                    let generated = s.generated.len();
+                    let _ = s
+                        .tag
+                        .tx
+                        .try_send(Event::Error(EngineError::DeadlineExceeded { generated }));
+                }
+            }
+        }
+    }
+
+    /// Applies one group rank 0's results: append tokens, stream them, finish sequences.
+    fn apply(&mut self, result: StepResult) {
+        let gi = (result.rank / self.cfg.tp as u32) as usize;
+        let codec = self.codec.clone();
+        let g = &mut self.groups[gi];
+        for r in result.seqs {
+            let Some(i) = g.position(r.seq_id) else { continue };
+            let s = &mut g.running[i];
+            s.generated.push(r.token_id);
+            let stop = s.tag.stop_ids.contains(&r.token_id);
+            let done = stop || s.generated.len() >= s.max_tokens;
+            let text_delta = match &codec {
+                Some(c) if done => s.tag.detok.finish(c, &[r.token_id]),
+                Some(c) => s.tag.detok.push(c, &[r.token_id]),
+                None => String::new(),
+            };
+            let chunk = GenerateChunk {
+                token_ids: vec![r.token_id],
+                text_delta,
+                logprobs: r.logprob.into_iter().collect(),
+                sampling_masks: r.sampling_mask.into_iter().collect(),
+                top_logits: r.top_logits.into_iter().collect(),
+                routed_experts: r.routed_experts,
+            };
+            let _ = s.tag.tx.try_send(Event::Chunk(chunk));
+            if done {
+                let s = g.finish(i);
+                let final_ = GenerateFinal {
+                    finish_reason: if stop { FinishReason::Stop } else { FinishReason::Length }
+                        as i32,
+                    usage: Some(Usage {
+                        prompt_tokens: s.prompt.len() as u32,
+                        completion_tokens: s.generated.len() as u32,
+                        ..Default::default()
+                    }),
+                    request_id: s.tag.request_id.clone(),
+                    stop_token_id: stop.then_some(r.token_id),
+                    seed: s.seed,
+                    prompt_token_ids: if s.tag.return_prompt_ids {
+                        s.prompt.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    truncated: false,
+                };
+                let _ = s.tag.tx.try_send(Event::Final(final_));
+            }
+        }
+    }
+
+    fn publish_status(&self, links: &[WorkerLink], ewma: f64) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.epoch = self.epoch;
+        st.kv_blocks_used = self.groups.iter().map(|g| g.pool.used() as u32).sum();
+        st.kv_blocks_total = self.groups.iter().map(|g| g.pool.total() as u32).sum();
+        st.running = self.groups.iter().map(|g| g.running.len() as u32).sum();
+        st.groups = self
+            .groups
+            .iter()
+            .map(|g| GroupUsage {
+                total: g.pool.total() as u32,
+                used: g.pool.used() as u32,
+                running: g.running.len() as u32,
+            })
+            .collect();
+        st.overhead_us_ewma = ewma;
+        st.steps = self.step_id;
+        if st.ranks.len() != links.len()
+            || st.ranks.iter().zip(links).any(|(a, b)| a.rank != b.rank)
+        {
+            st.ranks = links
+                .iter()
+                .map(|l| RankStatus {
+                    rank: l.rank,
+                    worker_id: l.worker_id.clone(),
+                    address: l.address.clone(),
+                    healthy: true,
+                    last_seen: Instant::now(),
+                    detail: String::new(),
+                })
+                .collect();
+        } else {
+            let now = Instant::now();
+            for r in &mut st.ranks {
+                r.last_seen = now;
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Shared by the `cluster_*` tests: the built `fathom` binary, a synthesized tiny model, a
+//! cluster of real processes (`fathom worker` ×W + `fathom coordinator`) on loopback, a gRPC
+//! client, and the in-process reference (the same model run directly, greedy).
+//!
+//! Every process is killed and reaped when its [`Cluster`] drops.
+
+#![allow(dead_code)]
+
+use anyhow::{Context, Result, bail};
+use fathom_proto::v1::inference_client::InferenceClient;
+use fathom_proto::v1::{
+    GenerateRequest, SamplingParams, TokenIds, generate_request, generate_response,
+};
+use fathom_worker::model::{ForwardOptions, Model, SeqInput, ShardSpec};
+use fathom_worker::weights::{CheckpointReader, SynthOptions, synth_checkpoint};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The `fathom` binary, built (or confirmed up to date) once per test process with the same
+/// cargo that runs the tests.
+pub fn fathom_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "fathom", "--bin", "fathom"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build -p fathom");
+        assert!(status.success(), "cargo build -p fathom failed");
+        // tests/ -> workspace root -> target/debug/fathom (the tests' own profile dir).
+        let exe = std::env::current_exe().expect("test exe");
+        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+        let bin = profile_dir.join("fathom");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The tiny model synthesized once per test process (f32, seed 0, with tokenizer.json).
+pub fn tiny_model() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("fathom-tiny-").tempdir().unwrap();
+        synth_checkpoint(&fathom_common::ModelConfig::tiny(), &SynthOptions::default(), dir.path())
+            .expect("synth tiny");
+        dir
+    })
+    .path()
+    .to_path_buf()
+}
+
+/// A free loopback port.
+pub fn port() -> u16 {
+    fathom_tests::free_port().expect("free port")
+}
+
+/// Coordinator flags for a test cluster.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub workers: usize,
+    pub extra: Vec<String>,
+    /// etcd client URL: both roles read a config file naming it, and the coordinator discovers
+    /// the workers through membership instead of `--static-worker`.
+    pub etcd: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self { workers: 1, extra: Vec::new(), etcd: None }
+    }
+}
+
+/// Real processes: W workers and a coordinator.
+#[derive(Debug)]
+pub struct Cluster {
+    pub workers: Vec<Child>,
+    pub coordinator: Child,
+    pub addr: String,
+    pub model: PathBuf,
+    /// Listen/advertise address of each worker.
+    pub worker_addrs: Vec<String>,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().chain(std::iter::once(&mut self.coordinator)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts the processes and waits for `fathom: serving on ADDR` (at most 60 s).
+    pub fn start(opts: Opts) -> Result<Self> {
+        let bin = fathom_bin();
+        let model = tiny_model();
+        let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
+        let config = dir.path().join("cluster.toml");
+        let mut toml = String::from("cluster = \"test\"\n");
+        if let Some(e) = &opts.etcd {
+            toml.push_str(&format!("[membership]\netcd_endpoints = [\"{e}\"]\nlease_ttl_s = 2\n"));
+        }
+        std::fs::write(&config, toml)?;
+        let mut workers = Vec::new();
+        let mut worker_addrs = Vec::new();
+        let mut statics = Vec::new();
+        for i in 0..opts.workers {
+            let addr = format!("127.0.0.1:{}", port());
+            let id = format!("w{i}");
+            workers.push(
+                Command::new(&bin)
+                    .args(["worker", "--id", &id, "--listen", &addr, "--advertise", &addr])
+                    .arg("--config")
+                    .arg(&config)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("spawning fathom worker")?,
+            );
+            worker_addrs.push(addr.clone());
+            if opts.etcd.is_none() {
+                statics.push(format!("--static-worker={id}={addr}"));
+            }
+        }
+        let listen = format!("127.0.0.1:{}", port());
+        let mut coordinator = Command::new(&bin)
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&config)
+            .arg("--model")
+            .arg(&model)
+            .args(["--listen", &listen, "--world-size", &opts.workers.to_string()])
+            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
+            .args(&statics)
+            .args(&opts.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning fathom coordinator")?;
+        let stdout = coordinator.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let mut cluster = Cluster {
+            workers,
+            coordinator,
+            addr: String::new(),
+            model,
+            worker_addrs,
+            config: config.clone(),
+            _dir: dir,
+        };
+        cluster.addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("the coordinator did not print `fathom: serving on` within 60 s")?;
+        Ok(cluster)
+    }
+
+    /// Starts worker `i` again (same id and address) after it was killed.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        let addr = self.worker_addrs[i].clone();
+        let id = format!("w{i}");
+        self.workers[i] = Command::new(fathom_bin())
+            .args(["worker", "--id", &id, "--listen", &addr, "--advertise", &addr])
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("respawning fathom worker")?;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Result<InferenceClient<tonic::transport::Channel>> {
+        Ok(InferenceClient::connect(self.url()).await?)
+    }
+}
+
+/// A greedy request of `n` tokens that ignores EOS.
+pub fn greedy_request(prompt: &[u32], n: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt.to_vec() })),
+        sampling: Some(SamplingParams { max_tokens: n, ignore_eos: true, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Runs `req` to completion; returns the generated ids (error: the status).
+pub async fn generate(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    req: GenerateRequest,
+) -> std::result::Result<Vec<u32>, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    let mut finished = false;
+    while let Some(msg) = stream.message().await? {
+        match msg.kind {
+            Some(generate_response::Kind::Chunk(c)) => ids.extend(c.token_ids),
+            Some(generate_response::Kind::Final(f)) => {
+                assert_eq!(f.usage.expect("usage").completion_tokens as usize, ids.len());
+                finished = true;
+            }
+            None => {}
+        }
+    }
+    assert!(finished, "stream ended without a final message");
+    Ok(ids)
+}
+
+/// The same model run in this process: greedy, `n` tokens, no EOS stop.
+#[derive(Debug)]
+pub struct Reference {
+    model: Model,
+}
+
+impl Reference {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let reader = CheckpointReader::open(dir)?;
+        let cfg = reader.config().clone();
+        let model = Model::load(&reader, cfg.clone(), ShardSpec::full(&cfg))?;
+        Ok(Self { model })
+    }
+
+    pub fn greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        self.generate(prompt, n, &fathom_worker::sampling::SamplingParams::greedy())
+    }
+
+    /// `n` tokens drawn with `p` (token i from the request's stream at index i).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        p: &fathom_worker::sampling::SamplingParams,
+    ) -> Result<Vec<u32>> {
+        let bs = 16;
+        let blocks = (prompt.len() + n).div_ceil(bs);
+        let mut cache = self.model.new_cache(bs, blocks)?;
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let mut out = Vec::new();
+        let mut feed = prompt.to_vec();
+        let mut pos = 0;
+        while out.len() < n {
+            let end = pos + feed.len();
+            let seqs = [SeqInput {
+                tokens: &feed,
+                start_pos: pos,
+                block_table: &table[..end.div_ceil(bs)],
+            }];
+            let f = self.model.forward(&seqs, &mut cache, &ForwardOptions::default())?;
+            let t = fathom_worker::sampling::sample(&f.logits, p, out.len() as u64)?.token;
+            out.push(t);
+            pos = end;
+            feed = vec![t];
+        }
+        Ok(out)
+    }
+}
+
+/// Waits until `f` holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("condition not met within {timeout:?}")
+}

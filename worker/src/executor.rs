@@ -1,0 +1,255 @@
+//! The step executor: what one rank does with one `StepRequest` of a prepared epoch.
+//!
+//! Owns the [`Executor`] trait (one per prepared epoch, driven by the Worker service one step at
+//! a time) and the [`ExecutorFactory`] that builds it from an [`EpochContext`] (the plan, this
+//! rank, and the collectives it may use). Does not own: the gRPC service (`service.rs`), the
+//! model math (`model/`), KV block allocation (the coordinator decides block tables; executors
+//! only write where they are told).
+//!
+//! Invariants every implementation keeps:
+//! - every rank executes every step of its epoch, in order, also when its group has no
+//!   sequences (sharded executors enter their collectives regardless);
+//! - only rank 0 of a group returns [`SeqResult`]s, one per sequence with `sample = true`;
+//! - a step that fails leaves no partial result: the error names what was wrong (no prompt
+//!   data) and the coordinator decides what happens to the affected requests.
+//!
+//! A sharded executor (TP attention + EP MoE) drops in as another [`ExecutorFactory`]: it gets the
+//! world and group [`Collective`]s through [`EpochContext`].
+
+use fathom_kernels::comm::Collective;
+use fathom_proto::v1::{Plan, SeqResult, StepRequest};
+
+/// Why an epoch could not be prepared or a step could not run. Messages never carry prompt data.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("plan: {0}")]
+    Plan(String),
+    #[error("loading the shard: {0}")]
+    Load(String),
+    #[error("communicator: {0}")]
+    Comm(String),
+    #[error("step {step_id}: {reason}")]
+    Step { step_id: u64, reason: String },
+    #[error("{0} is not supported by this executor")]
+    Unsupported(String),
+}
+
+/// Everything an executor of one epoch needs to know about its place in the cluster.
+#[derive(Debug)]
+pub struct EpochContext {
+    /// The plan being prepared (validated by the service: W entries, this rank in it).
+    pub plan: Plan,
+    /// This worker's rank in `plan`.
+    pub rank: u32,
+    /// A communicator over the whole world (`None` when W = 1).
+    pub world: Option<Box<dyn Collective>>,
+    /// A communicator over this rank's attention group (`None` when T = 1).
+    pub group: Option<Box<dyn Collective>>,
+}
+
+impl EpochContext {
+    /// Attention group of this rank (`rank / T`).
+    pub fn group_index(&self) -> u32 {
+        self.rank / self.plan.tp.max(1)
+    }
+
+    /// Position of this rank inside its group (`rank % T`); 0 returns the sampled tokens.
+    pub fn group_rank(&self) -> u32 {
+        self.rank % self.plan.tp.max(1)
+    }
+}
+
+/// Executes the steps of one epoch on one rank.
+pub trait Executor: Send + std::fmt::Debug {
+    /// Runs `step` (already checked to belong to this epoch, in order). Returns the results of
+    /// this rank's group's sampling sequences when this rank is its group's rank 0, else empty.
+    fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError>;
+
+    /// Bytes of weights this rank holds (reported in `PrepareEpochResponse`).
+    fn weight_bytes(&self) -> u64;
+}
+
+/// Builds the executor of an epoch: loads this rank's shard, takes ownership of its collectives.
+/// Called on a blocking thread (loading can take long).
+pub trait ExecutorFactory: Send + Sync + std::fmt::Debug {
+    fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError>;
+}
+
+/// The single-rank executor over the reference model (W = 1): the whole model on this rank.
+pub mod single {
+    use super::{EpochContext, ExecError, Executor, ExecutorFactory};
+    use crate::kv::PagedKvCache;
+    use crate::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
+    use crate::sampling::{self, SamplingParams};
+    use crate::weights::CheckpointReader;
+    use fathom_proto::v1::{
+        GeneratedLogprob, RoutedExperts, SamplingMask, SeqResult, SeqStep, StepRequest, TokenLogit,
+        TokenLogprob, TopLogits,
+    };
+    use std::path::Path;
+
+    /// Loads the whole checkpoint named by the plan (`plan.model_path`).
+    #[derive(Debug, Default)]
+    pub struct SingleRankFactory;
+
+    impl ExecutorFactory for SingleRankFactory {
+        fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError> {
+            let plan = &ctx.plan;
+            if plan.world_size != 1 {
+                return Err(ExecError::Unsupported(format!(
+                    "world size {} (the single-rank executor runs W = 1)",
+                    plan.world_size
+                )));
+            }
+            let reader = CheckpointReader::open(Path::new(&plan.model_path))
+                .map_err(|e| ExecError::Load(e.to_string()))?;
+            let cfg = reader.config().clone();
+            let model = Model::load(&reader, cfg.clone(), ShardSpec::full(&cfg))
+                .map_err(|e| ExecError::Load(e.to_string()))?;
+            let cache = model
+                .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
+                .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
+            // The whole checkpoint is this rank's shard at W = 1.
+            let weight_bytes = std::fs::read_dir(&plan.model_path)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            Ok(Box::new(SingleRankExecutor { model, cache, weight_bytes }))
+        }
+    }
+
+    /// The whole model and its KV cache on one rank.
+    #[derive(Debug)]
+    pub struct SingleRankExecutor {
+        model: Model,
+        cache: PagedKvCache,
+        weight_bytes: u64,
+    }
+
+    fn params(s: &SeqStep) -> SamplingParams {
+        let p = s.sampling.clone().unwrap_or_default();
+        let o = s.outputs.unwrap_or_default();
+        SamplingParams {
+            temperature: p.temperature,
+            top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+            top_k: p.top_k,
+            seed: s.seed,
+            return_mask: o.sampling_mask,
+            top_logprobs: if o.logprobs { o.top_logprobs } else { 0 },
+        }
+    }
+
+    impl Executor for SingleRankExecutor {
+        fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
+            let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
+            let Some(group) = step.groups.first() else { return Ok(Vec::new()) };
+            if group.seqs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let inputs: Vec<SeqInput> = group
+                .seqs
+                .iter()
+                .map(|s| SeqInput {
+                    tokens: &s.token_ids,
+                    start_pos: s.start_position as usize,
+                    block_table: &s.block_table,
+                })
+                .collect();
+            let any_sample = group.seqs.iter().any(|s| s.sample);
+            let routing = group.seqs.iter().any(|s| s.outputs.is_some_and(|o| o.routed_experts));
+            let opts = ForwardOptions {
+                logits: if any_sample { LogitsMode::LastPerSeq } else { LogitsMode::None },
+                record_hidden: false,
+                record_routing: routing,
+            };
+            let out = self
+                .model
+                .forward(&inputs, &mut self.cache, &opts)
+                .map_err(|e| fail(e.to_string()))?;
+            let vocab = self.model.config().vocab_size;
+            let cfg = self.model.config();
+            let moe_layers = cfg.num_moe_layers() as u32;
+            let top_k = cfg.num_experts_per_tok as u32;
+            let bytes_per_id = if cfg.n_routed_experts <= 256 { 1 } else { 2 };
+            let mut results = Vec::new();
+            let mut row0 = 0;
+            for (i, s) in group.seqs.iter().enumerate() {
+                let rows = row0..row0 + s.token_ids.len();
+                row0 = rows.end;
+                if !s.sample {
+                    continue;
+                }
+                let logits = &out.logits[i * vocab..(i + 1) * vocab];
+                let p = params(s);
+                let picked = sampling::sample(logits, &p, s.generated as u64)
+                    .map_err(|e| fail(format!("sequence {}: {e}", s.seq_id)))?;
+                let o = s.outputs.unwrap_or_default();
+                let mut r =
+                    SeqResult { seq_id: s.seq_id, token_id: picked.token, ..Default::default() };
+                if o.logprobs {
+                    r.logprob = Some(GeneratedLogprob {
+                        logprob: picked.logprob,
+                        top: picked
+                            .top_logprobs
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
+                            .collect(),
+                    });
+                }
+                if o.sampling_mask {
+                    let ids = picked.mask.unwrap_or_default();
+                    let all = ids.len() == vocab;
+                    r.sampling_mask =
+                        Some(SamplingMask { all, token_ids: if all { Vec::new() } else { ids } });
+                }
+                if o.logits_top_k > 0 {
+                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
+                    let k = (o.logits_top_k as usize).min(vocab);
+                    idx.sort_by(|&a, &b| {
+                        logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+                    });
+                    r.top_logits = Some(TopLogits {
+                        entries: idx[..k]
+                            .iter()
+                            .map(|&t| TokenLogit { token_id: t, logit: logits[t as usize] })
+                            .collect(),
+                    });
+                }
+                if o.routed_experts && !out.routed_experts.is_empty() {
+                    let mut ids = Vec::new();
+                    for row in rows.clone() {
+                        for layer in &out.routed_experts[row] {
+                            for &e in layer {
+                                if bytes_per_id == 1 {
+                                    ids.push(e as u8);
+                                } else {
+                                    ids.extend_from_slice(&(e as u16).to_le_bytes());
+                                }
+                            }
+                        }
+                    }
+                    r.routed_experts = Some(RoutedExperts {
+                        start_position: s.start_position,
+                        positions: s.token_ids.len() as u32,
+                        moe_layers,
+                        top_k,
+                        bytes_per_id,
+                        ids,
+                    });
+                }
+                results.push(r);
+            }
+            Ok(results)
+        }
+
+        fn weight_bytes(&self) -> u64 {
+            self.weight_bytes
+        }
+    }
+}

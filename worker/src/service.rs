@@ -1,0 +1,288 @@
+//! The `fathom.v1.Worker` gRPC service of one worker process (one rank).
+//!
+//! Owns the worker's lifecycle: IDLE → PrepareEpoch (validate the plan, build the epoch's
+//! executor through the [`ExecutorFactory`] on a blocking thread) → READY → the Step stream
+//! (every step executed in order, answered with one `StepResult`) → Shutdown (signals the
+//! process to exit via [`WorkerService::shutdown_signal`]).
+//!
+//! Invariants: at most one executor exists (the prepared epoch's); a step naming another epoch is
+//! fenced (answered with `StepResult.error`, not executed); step ids are strictly increasing per
+//! epoch; a second PrepareEpoch of the same epoch is a no-op, of an older epoch ABORTED.
+//!
+//! Does not own: registration in the membership store and process exit (the binary's `worker`
+//! command), the model math (`executor`).
+
+use crate::executor::{EpochContext, Executor, ExecutorFactory};
+use fathom_proto::v1::worker_server::Worker;
+use fathom_proto::v1::{
+    PrepareEpochRequest, PrepareEpochResponse, ShutdownRequest, ShutdownResponse, StepEvent,
+    StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, WorkerState, step_event,
+};
+use futures::StreamExt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Mutable state of the worker, behind one lock (never held across an await or a step).
+#[derive(Debug)]
+struct Inner {
+    state: WorkerState,
+    epoch: u64,
+    rank: Option<u32>,
+    last_step_id: u64,
+    detail: String,
+    executor: Option<Arc<Mutex<Box<dyn Executor>>>>,
+}
+
+/// The Worker service. Cheap to clone (shared state).
+#[derive(Debug, Clone)]
+pub struct WorkerService {
+    worker_id: String,
+    device: String,
+    factory: Arc<dyn ExecutorFactory>,
+    inner: Arc<Mutex<Inner>>,
+    shutdown: watch::Sender<bool>,
+    /// Whether the membership lease is held (set by whoever registered the worker; stays false
+    /// without a membership store).
+    lease_held: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WorkerService {
+    pub fn new(worker_id: String, device: String, factory: Arc<dyn ExecutorFactory>) -> Self {
+        Self {
+            worker_id,
+            device,
+            factory,
+            inner: Arc::new(Mutex::new(Inner {
+                state: WorkerState::Idle,
+                epoch: 0,
+                rank: None,
+                last_step_id: 0,
+                detail: String::new(),
+                executor: None,
+            })),
+            shutdown: watch::channel(false).0,
+            lease_held: Arc::default(),
+        }
+    }
+
+    /// The flag reported as `WorkerHealthResponse.lease_held`.
+    pub fn lease_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.lease_held.clone()
+    }
+
+    /// Becomes `true` when a Shutdown RPC was received; the binary exits on it.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Answers one step: fenced, out of order, or executed.
+fn run_step(
+    inner: &Mutex<Inner>,
+    step: &StepRequest,
+    rank: u32,
+) -> Result<Vec<fathom_proto::v1::SeqResult>, String> {
+    let executor = {
+        let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.state != WorkerState::Ready || g.epoch != step.epoch {
+            return Err(format!(
+                "step {} of epoch {} fenced: this rank is prepared for epoch {}",
+                step.step_id, step.epoch, g.epoch
+            ));
+        }
+        if step.step_id <= g.last_step_id {
+            return Err(format!(
+                "step {} out of order (last executed {})",
+                step.step_id, g.last_step_id
+            ));
+        }
+        g.last_step_id = step.step_id;
+        g.executor.clone().ok_or_else(|| "no executor prepared".to_string())?
+    };
+    let _ = rank;
+    let mut ex = executor.lock().unwrap_or_else(|p| p.into_inner());
+    ex.execute(step).map_err(|e| e.to_string())
+}
+
+type StepStream = Pin<Box<dyn futures::Stream<Item = Result<StepEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn prepare_epoch(
+        &self,
+        request: Request<PrepareEpochRequest>,
+    ) -> Result<Response<PrepareEpochResponse>, Status> {
+        let req = request.into_inner();
+        let plan = req.plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
+        let rank = req.rank;
+        let entry = plan.ranks.iter().find(|r| r.rank == rank).ok_or_else(|| {
+            Status::failed_precondition(format!("rank {rank} is not in the plan"))
+        })?;
+        if entry.worker_id != self.worker_id {
+            return Err(Status::failed_precondition(format!(
+                "rank {rank} belongs to worker {}, not {}",
+                entry.worker_id, self.worker_id
+            )));
+        }
+        if plan.world_size as usize != plan.ranks.len() || plan.tp == 0 {
+            return Err(Status::invalid_argument(format!(
+                "plan epoch {}: world_size {} with {} ranks, tp {}",
+                plan.epoch,
+                plan.world_size,
+                plan.ranks.len(),
+                plan.tp
+            )));
+        }
+        {
+            let mut g = self.lock();
+            if plan.epoch < g.epoch {
+                return Err(Status::aborted(format!(
+                    "epoch {} is older than the prepared epoch {}",
+                    plan.epoch, g.epoch
+                )));
+            }
+            if plan.epoch == g.epoch && g.state == WorkerState::Ready {
+                return Ok(Response::new(PrepareEpochResponse {
+                    epoch: g.epoch,
+                    rank,
+                    ready: true,
+                    ..Default::default()
+                }));
+            }
+            g.state = WorkerState::Preparing;
+            g.epoch = plan.epoch;
+            g.rank = Some(rank);
+            g.executor = None;
+            g.last_step_id = 0;
+            g.detail = format!("preparing epoch {}", plan.epoch);
+        }
+        if plan.world_size > 1 {
+            // Joining the world/group collectives is part of the sharded executor's work.
+            let msg = format!(
+                "world size {} needs the sharded executor (collectives), not available yet",
+                plan.world_size
+            );
+            let mut g = self.lock();
+            g.state = WorkerState::Failed;
+            g.detail = msg.clone();
+            return Err(Status::unimplemented(msg));
+        }
+        let epoch = plan.epoch;
+        let factory = self.factory.clone();
+        let started = Instant::now();
+        let ctx = EpochContext { plan, rank, world: None, group: None };
+        let built = tokio::task::spawn_blocking(move || factory.prepare(ctx))
+            .await
+            .map_err(|e| Status::internal(format!("prepare task: {e}")))?;
+        let load_ms = started.elapsed().as_millis() as u64;
+        let mut g = self.lock();
+        if g.epoch != epoch {
+            return Err(Status::aborted(format!("epoch {} superseded by {}", epoch, g.epoch)));
+        }
+        match built {
+            Ok(ex) => {
+                let weight_bytes = ex.weight_bytes();
+                g.executor = Some(Arc::new(Mutex::new(ex)));
+                g.state = WorkerState::Ready;
+                g.detail = format!("ready for epoch {epoch} as rank {rank}");
+                tracing::info!(epoch, rank, load_ms, weight_bytes, "epoch prepared");
+                Ok(Response::new(PrepareEpochResponse {
+                    epoch,
+                    rank,
+                    ready: true,
+                    load_ms,
+                    comm_init_ms: 0,
+                    weight_bytes,
+                }))
+            }
+            Err(e) => {
+                g.state = WorkerState::Failed;
+                g.detail = e.to_string();
+                Err(Status::failed_precondition(format!("preparing epoch {epoch}: {e}")))
+            }
+        }
+    }
+
+    type StepStream = StepStream;
+
+    async fn step(
+        &self,
+        request: Request<Streaming<StepRequest>>,
+    ) -> Result<Response<Self::StepStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<StepEvent, Status>>(16);
+        let inner = self.inner.clone();
+        let rank = self.lock().rank.unwrap_or(0);
+        tokio::spawn(async move {
+            while let Some(msg) = incoming.next().await {
+                let step = match msg {
+                    Ok(s) => s,
+                    Err(_) => break, // the coordinator went away
+                };
+                let started = Instant::now();
+                let inner2 = inner.clone();
+                let (epoch, step_id) = (step.epoch, step.step_id);
+                let outcome =
+                    tokio::task::spawn_blocking(move || run_step(&inner2, &step, rank)).await;
+                let mut result = StepResult {
+                    epoch,
+                    step_id,
+                    rank,
+                    elapsed_us: started.elapsed().as_micros() as u64,
+                    ..Default::default()
+                };
+                match outcome {
+                    Ok(Ok(seqs)) => result.seqs = seqs,
+                    Ok(Err(e)) => result.error = e,
+                    Err(e) => result.error = format!("step task failed: {e}"),
+                }
+                let event = StepEvent { kind: Some(step_event::Kind::Result(result)) };
+                if tx.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<WorkerHealthRequest>,
+    ) -> Result<Response<WorkerHealthResponse>, Status> {
+        let g = self.lock();
+        Ok(Response::new(WorkerHealthResponse {
+            worker_id: self.worker_id.clone(),
+            state: g.state as i32,
+            epoch: g.epoch,
+            rank: g.rank,
+            device: self.device.clone(),
+            last_step_id: g.last_step_id,
+            lease_held: self.lease_held.load(std::sync::atomic::Ordering::Relaxed),
+            detail: g.detail.clone(),
+            ..Default::default()
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
+        let reason = request.into_inner().reason;
+        tracing::info!(%reason, "shutdown requested");
+        {
+            let mut g = self.lock();
+            g.state = WorkerState::Stopping;
+            g.detail = format!("stopping: {reason}");
+        }
+        let _ = self.shutdown.send(true);
+        Ok(Response::new(ShutdownResponse {}))
+    }
+}
