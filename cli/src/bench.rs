@@ -9,6 +9,8 @@ use fathom_common::ModelConfig;
 use fathom_worker::kv::{BlockAllocator, blocks_for};
 use fathom_worker::model::random::random_source;
 use fathom_worker::model::{ForwardOptions, Model, SeqInput, ShardSpec};
+use fathom_worker::weights::TensorSource;
+use fathom_worker::weights::reader::CheckpointReader;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,15 +77,15 @@ fn decode(a: DecodeArgs) -> Result<()> {
         bail!("--batch, --prompt-len and --steps must be > 0");
     }
     let t0 = Instant::now();
-    let (name, cfg, src) = match &a.model {
+    let (name, cfg, src): (String, ModelConfig, Box<dyn TensorSource>) = match &a.model {
         Some(dir) => {
-            let (cfg, src) = crate::generate::load_model_dir(dir)?;
-            (dir.display().to_string(), cfg, src)
+            let src = CheckpointReader::open(dir)?;
+            (dir.display().to_string(), src.config().clone(), Box::new(src))
         }
         None => {
             let cfg = ModelConfig::preset(&a.preset)?;
             let src = random_source(&cfg, 1);
-            (format!("preset {} (random weights)", a.preset), cfg, src)
+            (format!("preset {} (random weights)", a.preset), cfg, Box::new(src))
         }
     };
     let end = a.prompt_len + a.steps;
@@ -94,8 +96,11 @@ fn decode(a: DecodeArgs) -> Result<()> {
         );
     }
     let vocab = cfg.vocab_size as u32;
-    let model =
-        Model::load(&src, cfg.clone(), ShardSpec { load_mtp: false, ..ShardSpec::full(&cfg) })?;
+    let model = Model::load(
+        src.as_ref(),
+        cfg.clone(),
+        ShardSpec { load_mtp: false, ..ShardSpec::full(&cfg) },
+    )?;
     drop(src);
     let load_s = t0.elapsed().as_secs_f64();
 

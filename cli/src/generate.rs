@@ -1,20 +1,17 @@
-//! `fathom generate --model DIR`: one-shot generation in this process on the CPU reference
-//! model (CLI.md). Greedy decoding (temperature 0); sampling at temperature > 0 needs
-//! `fathom_worker::sampling`, which is not in this branch yet, and is refused with a clear error.
-//!
-//! Also owns [`load_model_dir`], a minimal reader of an HF model directory into memory (F32,
-//! BF16, F16 and F8_E4M3 + `weight_scale_inv`) until the worker's mmap checkpoint reader lands.
+//! `fathom generate`: one-shot generation (CLI.md). With `--model DIR` it runs in this process
+//! on the CPU reference model — one rank, or W ranks with `--world-size/--tp/--comm`
+//! (`generate_parallel.rs`) — reading the checkpoint through the mmap `CheckpointReader`; with
+//! `--endpoint URL` it is a gRPC client of a running cluster (`client.rs`). Greedy at
+//! temperature 0, else seeded sampling (`fathom_worker::sampling`: the same tokens for the same
+//! seed on every layout).
 
-use anyhow::{Context, Result, anyhow, bail};
-use fathom_common::ModelConfig;
-use fathom_kernels::Tensor;
-use fathom_kernels::cpu::fp8::dequant_block_fp8;
+use anyhow::{Result, anyhow, bail};
 use fathom_worker::kv::{BlockAllocator, blocks_for};
 use fathom_worker::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
-use fathom_worker::weights::MemorySource;
-use safetensors::{Dtype, SafeTensors};
+use fathom_worker::sampling::{SamplingParams, sample};
+use fathom_worker::weights::reader::CheckpointReader;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -59,6 +56,10 @@ pub struct GenerateArgs {
     /// With --json: the routed experts of every position fed through the model.
     #[arg(long)]
     return_routed_experts: bool,
+    /// With --json: "logprobs" (per generated token, under the distribution it was drawn from)
+    /// and "sampling_masks" (per generated token, the sorted ids that survived top-k/top-p).
+    #[arg(long)]
+    return_logprobs: bool,
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = fathom_worker::kv::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
@@ -82,85 +83,6 @@ fn parse_ids(flag: &str, csv: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Reads `dir` (config.json + safetensors) into memory.
-pub(crate) fn load_model_dir(dir: &Path) -> Result<(ModelConfig, MemorySource)> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-        let map = v["weight_map"]
-            .as_object()
-            .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
-        let set: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        set.into_iter().map(|f| dir.join(f)).collect()
-    } else {
-        vec![dir.join("model.safetensors")]
-    };
-    let block = cfg.quantization_config.as_ref().map(|q| q.weight_block_size).unwrap_or([128, 128]);
-    let mut src = MemorySource::new();
-    for file in files {
-        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-        let st =
-            SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-        for (name, view) in st.tensors() {
-            let d = view.data();
-            let shape = view.shape().to_vec();
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::BF16 => d
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => d
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::F8_E4M3 => {
-                    let sname = format!("{name}_scale_inv");
-                    let sv = st.tensor(&sname).map_err(|_| {
-                        anyhow!("{}: FP8 tensor {name} has no {sname}", file.display())
-                    })?;
-                    let scale: Vec<f32> = sv
-                        .data()
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect();
-                    if shape.len() != 2
-                        || scale.len() != shape[0].div_ceil(block[0]) * shape[1].div_ceil(block[1])
-                    {
-                        bail!(
-                            "{}: FP8 tensor {name} {shape:?} does not match its scale {:?}",
-                            file.display(),
-                            sv.shape()
-                        );
-                    }
-                    dequant_block_fp8(d, &scale, shape[0], shape[1], block)
-                }
-                other => bail!("{}: tensor {name} has unsupported dtype {other:?}", file.display()),
-            };
-            src.insert(name, Tensor::new(shape, data));
-        }
-    }
-    Ok((cfg, src))
-}
-
-/// Lowest id among the largest logits.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     fathom_kernels::cpu::topk::topk_ranked(logits, k)
         .into_iter()
@@ -178,12 +100,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p {} must be in (0, 1]", args.top_p);
     }
-    if args.temperature > 0.0 {
-        bail!(
-            "--temperature {} > 0: sampling is not available in this build yet (worker::sampling); use --temperature 0 (greedy)",
-            args.temperature
-        );
-    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        return_mask: args.return_logprobs,
+        top_logprobs: 0,
+    };
+    sampling.validate().map_err(|e| anyhow!("invalid sampling: {e}"))?;
     if args.block_size == 0 {
         bail!("--block-size must be > 0");
     }
@@ -219,7 +144,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty: at least one token is needed");
     }
 
-    let (cfg, src) = load_model_dir(&model_dir)?;
+    let src = CheckpointReader::open(&model_dir)?;
+    let cfg = src.config().clone();
     if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
         bail!("prompt token id {id} is not below vocab_size {}", cfg.vocab_size);
     }
@@ -247,22 +173,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             stop_ids: stop.iter().copied().collect(),
             block_size: args.block_size,
             record_routing: args.return_routed_experts,
+            sampling: sampling.clone(),
         };
         let (generated, logits, routed) =
             crate::generate_parallel::generate(&args.parallel, &model_dir, &cfg, &src, &job)?;
         let finish =
             if generated.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
-        let steps =
-            logits.iter().map(|l| Step { top: top_logits(l, args.logits_topk.unwrap_or(0)) });
-        return emit(
-            &args,
-            tokenizer.as_ref(),
-            prompt_ids,
-            generated,
-            finish,
-            steps.collect(),
-            routed,
-        );
+        return emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &logits, routed);
     }
     let shard = ShardSpec { load_mtp: false, ..ShardSpec::full(&cfg) };
     let model = Model::load(&src, cfg, shard)?;
@@ -278,9 +195,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         record_hidden: false,
         record_routing: args.return_routed_experts,
     };
+    let keep_logits = args.logits_topk.is_some() || args.return_logprobs;
     let mut tokens = prompt_ids.clone();
     let mut generated = Vec::new();
-    let mut steps = Vec::new();
+    let mut step_logits = Vec::new();
     let mut routed = Vec::new();
     let mut pos = 0;
     let mut finish = "length";
@@ -290,9 +208,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let out = model.forward(&[seq], &mut cache, &opts)?;
         routed.extend(out.routed_experts);
         pos = tokens.len();
-        let next = argmax(&out.logits);
-        if let Some(k) = args.logits_topk {
-            steps.push(Step { top: top_logits(&out.logits, k) });
+        // The token index within the request keys the random stream (worker::sampling).
+        let next = sample(&out.logits, &sampling, generated.len() as u64)?.token;
+        if keep_logits {
+            step_logits.push(out.logits);
         }
         generated.push(next);
         tokens.push(next);
@@ -301,17 +220,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             break;
         }
     }
-    emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, steps, routed)
+    emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &step_logits, routed)
 }
 
-/// Prints the result (JSON, text, or ids).
+/// Prints the result (JSON, text, or ids). `step_logits[i]` is the distribution that produced
+/// `generated[i]` (kept when `--logits-topk` or `--return-logprobs` asked for it); logprobs and
+/// masks are recomputed from it with the same sampler, which must give back the same token.
 fn emit(
     args: &GenerateArgs,
     tokenizer: Option<&tokenizers::Tokenizer>,
     prompt_ids: Vec<u32>,
     generated: Vec<u32>,
     finish: &'static str,
-    steps: Vec<Step>,
+    step_logits: &[Vec<f32>],
     routed: Vec<Vec<Vec<u32>>>,
 ) -> Result<()> {
     let text = match tokenizer {
@@ -319,14 +240,37 @@ fn emit(
         None => String::new(),
     };
     if args.json {
+        let steps = args.logits_topk.map(|k| {
+            step_logits.iter().map(|l| Step { top: top_logits(l, k) }).collect::<Vec<_>>()
+        });
+        let (mut logprobs, mut masks) = (Vec::new(), Vec::new());
+        if args.return_logprobs {
+            let params = SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                seed: args.seed,
+                return_mask: true,
+                top_logprobs: 0,
+            };
+            for (i, (l, &tok)) in step_logits.iter().zip(&generated).enumerate() {
+                let s = sample(l, &params, i as u64)?;
+                if s.token != tok {
+                    bail!("internal: step {i} resampled to {} instead of {tok}", s.token);
+                }
+                logprobs.push(s.logprob);
+                masks.push(s.mask.unwrap_or_default());
+            }
+        }
         let o = Output {
             prompt_ids,
             generated_ids: generated,
             text,
             finish_reason: finish.into(),
-            steps: args.logits_topk.map(|_| steps),
+            steps,
             routed_experts: args.return_routed_experts.then_some(routed),
-            ..Default::default()
+            logprobs: args.return_logprobs.then_some(logprobs),
+            sampling_masks: args.return_logprobs.then_some(masks),
         };
         println!("{}", serde_json::to_string(&o)?);
     } else if tokenizer.is_some() {
@@ -356,7 +300,7 @@ fn remote(args: &GenerateArgs) -> Result<()> {
         json: args.json,
         logits_topk: args.logits_topk.unwrap_or(0) as u32,
         return_routed_experts: args.return_routed_experts,
-        return_logprobs: false,
+        return_logprobs: args.return_logprobs,
         world_size: 1,
         tp: 1,
         comm: "local".into(),

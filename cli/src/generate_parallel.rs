@@ -72,6 +72,8 @@ pub struct Job {
     pub stop_ids: Vec<u32>,
     pub block_size: usize,
     pub record_routing: bool,
+    /// Sampling of every step (greedy or seeded; every rank of the group draws the same).
+    pub sampling: SamplingParams,
 }
 
 /// What group 0's sequence got: ids, the logits of each step, routed experts per position fed.
@@ -88,7 +90,7 @@ fn requests(job: &Job, d: usize, prompt_here: bool) -> Vec<GenerateRequest> {
         .map(|g| GenerateRequest {
             prompts: if g == 0 && prompt_here { vec![job.prompt_ids.clone()] } else { Vec::new() },
             max_new_tokens: job.max_new_tokens,
-            sampling: SamplingParams::greedy(),
+            sampling: job.sampling.clone(),
             stop_ids: job.stop_ids.clone(),
             keep_logits: true,
             record_routing: job.record_routing,
@@ -201,6 +203,14 @@ fn rank_argv(
         csv(&job.stop_ids),
         "--block-size".into(),
         job.block_size.to_string(),
+        "--temperature".into(),
+        job.sampling.temperature.to_string(),
+        "--top-p".into(),
+        job.sampling.top_p.to_string(),
+        "--top-k".into(),
+        job.sampling.top_k.to_string(),
+        "--seed".into(),
+        job.sampling.seed.to_string(),
     ];
     if job.record_routing {
         // The group gathers routing only when every member records it.
@@ -272,6 +282,15 @@ pub struct RankArgs {
     stop_ids: String,
     #[arg(long)]
     block_size: usize,
+    /// Sampling, as rank 0 was given it (every rank of a group draws the same token).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Record routed experts (must match rank 0's --return-routed-experts).
     #[arg(long)]
     record_routing: bool,
@@ -300,6 +319,13 @@ pub fn run_rank_cmd(a: RankArgs) -> Result<()> {
         stop_ids: parse_csv("--stop-ids", &a.stop_ids)?,
         block_size: a.block_size,
         record_routing: a.record_routing,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+            ..SamplingParams::greedy()
+        },
     };
     let opts = comm_options(a.comm_timeout_s);
     let mut world = TcpComm::connect(&a.rendezvous, a.rank, a.world_size, opts)
