@@ -173,7 +173,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             stop_ids: stop.iter().copied().collect(),
             block_size: args.block_size,
             record_routing: args.return_routed_experts,
-            sampling: sampling.clone(),
+            sampling,
         };
         let (generated, logits, routed) =
             crate::generate_parallel::generate(&args.parallel, &model_dir, &cfg, &src, &job)?;

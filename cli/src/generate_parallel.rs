@@ -90,7 +90,7 @@ fn requests(job: &Job, d: usize, prompt_here: bool) -> Vec<GenerateRequest> {
         .map(|g| GenerateRequest {
             prompts: if g == 0 && prompt_here { vec![job.prompt_ids.clone()] } else { Vec::new() },
             max_new_tokens: job.max_new_tokens,
-            sampling: job.sampling.clone(),
+            sampling: job.sampling,
             stop_ids: job.stop_ids.clone(),
             keep_logits: true,
             record_routing: job.record_routing,
