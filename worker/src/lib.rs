@@ -8,5 +8,6 @@
 
 pub mod kv;
 pub mod model;
+pub mod model_cuda;
 pub mod sampling;
 pub mod weights;
