@@ -9,6 +9,7 @@
 //!   CPU's greedy ids; a difference is only excused at a step whose CPU top-1/top-2 margin is
 //!   within `2 · TOL_BF16 · max|row|` (then the trajectories part and comparison stops), and at
 //!   least `MIN_GREEDY_STEPS` steps must have been compared.
+//!
 //! Also: glue.cu compiles for sm_90a (NVRTC only, no GPU needed).
 //!
 //! Without a GPU the GPU tests print `SKIP: ...` on the real stderr and pass; the GPU runner
@@ -16,8 +17,9 @@
 
 use fathom_common::ModelConfig;
 use fathom_kernels::Tensor;
-use fathom_kernels::cuda::{CudaDevice, CudaError, CudaLib, DeviceOptions, compile_cubin,
-    preload_libraries};
+use fathom_kernels::cuda::{
+    CudaDevice, CudaError, CudaLib, DeviceOptions, compile_cubin, preload_libraries,
+};
 use fathom_worker::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
 use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, GLUE};
 use fathom_worker::weights::MemorySource;
@@ -59,8 +61,12 @@ fn gpu(test: &str) -> Option<CudaDevice> {
     Some(CudaDevice::open(&opts).unwrap_or_else(|e| panic!("{test}: opening GPU 0: {e}")))
 }
 
+/// `FATHOM_GOLDEN_DIR` (the GPU runner sets it: the binary runs far from its build tree), else
+/// the workspace's `tests/fixtures/golden`.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden")
+    std::env::var_os("FATHOM_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden"))
 }
 
 fn read_source(path: &Path) -> MemorySource {
@@ -123,11 +129,32 @@ fn compare(a: &[f32], b: &[f32], w: usize) -> (f32, f64) {
     (worst, agree as f64 / (a.len() / w) as f64)
 }
 
-fn check(case: &str, what: &str, gpu: &[f32], cpu: &[f32], v: usize) {
+/// Per-row `max|a−b| / max|b|`.
+fn row_errs(a: &[f32], b: &[f32], w: usize) -> Vec<f32> {
+    a.chunks(w)
+        .zip(b.chunks(w))
+        .map(|(x, y)| {
+            let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            d / y.iter().map(|q| q.abs()).fold(0.0, f32::max).max(1e-30)
+        })
+        .collect()
+}
+
+/// Checks the bounds; prints the measurement and the rows over the bound; records failures.
+fn check(case: &str, what: &str, gpu: &[f32], cpu: &[f32], v: usize, fails: &mut Vec<String>) {
     let (err, top1) = compare(gpu, cpu, v);
     eprintln!("{case}: {what}: max row rel err {err:.3e}, top-1 agreement {:.1}%", top1 * 100.0);
-    assert!(err <= TOL_BF16, "{case}: {what}: rel err {err} > {TOL_BF16}");
-    assert!(top1 >= MIN_TOP1, "{case}: {what}: top-1 agreement {top1} < {MIN_TOP1}");
+    let bad: Vec<(usize, f32)> =
+        row_errs(gpu, cpu, v).into_iter().enumerate().filter(|&(_, e)| e > TOL_BF16).collect();
+    if !bad.is_empty() {
+        eprintln!("{case}: {what}: rows over {TOL_BF16}: {bad:?}");
+    }
+    if err > TOL_BF16 {
+        fails.push(format!("{case}: {what}: rel err {err} > {TOL_BF16}"));
+    }
+    if top1 < MIN_TOP1 {
+        fails.push(format!("{case}: {what}: top-1 agreement {top1} < {MIN_TOP1}"));
+    }
 }
 
 /// NVRTC's directory: `FATHOM_NVRTC_LIB_DIR`, else `~/.cache/fathom/nvrtc/nvidia/cu13/lib`
@@ -158,6 +185,7 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
     const TEST: &str = "gpu_forward_matches_cpu_on_golden_cases";
     let Some(dev) = gpu(TEST) else { return };
     let dev = std::sync::Arc::new(dev);
+    let mut fails = Vec::new();
     for dir in case_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
@@ -179,14 +207,27 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
         let mut ccache = cpu.new_cache(4, 64).unwrap();
         let table: Vec<u32> = (0..64).collect();
         let seq = SeqInput { tokens: &tf, start_pos: 0, block_table: &table };
-        let want = cpu.forward(&[seq], &mut ccache, &all).unwrap().logits;
+        let rec = ForwardOptions { record_hidden: true, ..all };
+        let cout = cpu.forward(&[seq], &mut ccache, &rec).unwrap();
+        let want = cout.logits;
 
         // GPU, one shot.
         let max_ctx = 64.max(cfg.index_topk);
         let mut cache = gpu.new_cache(2, max_ctx).unwrap();
         let seq = CudaSeqInput { tokens: &tf, start_pos: 0, slot: 0 };
-        let got = gpu.forward(&[seq], &mut cache, &all).unwrap().logits;
-        check(&name, "teacher-forced one shot", &got, &want, v);
+        let gout = gpu.forward(&[seq], &mut cache, &rec).unwrap();
+        let got = gout.logits;
+        // Diagnostics: where the residual stream departs (rows over the bound per layer).
+        let hd = cfg.hidden_size;
+        for (l, (g, c)) in gout.layer_hidden.iter().zip(&cout.layer_hidden).enumerate() {
+            let e = row_errs(g, c, hd);
+            let worst = e.iter().copied().fold(0.0, f32::max);
+            let over: Vec<usize> = (0..e.len()).filter(|&r| e[r] > TOL_BF16).collect();
+            eprintln!(
+                "{name}: hidden after layer {l}: max row rel err {worst:.3e}, rows over: {over:?}"
+            );
+        }
+        check(&name, "teacher-forced one shot", &got, &want, v, &mut fails);
 
         // GPU cached: prompt prefill, then one token per step (slot 1: a fresh region).
         let mut cached = Vec::new();
@@ -196,7 +237,7 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
             let seq = CudaSeqInput { tokens: &tf[p..p + 1], start_pos: p, slot: 1 };
             cached.extend(gpu.forward(&[seq], &mut cache, &all).unwrap().logits);
         }
-        check(&name, "teacher-forced cached (prefill + decode)", &cached, &want, v);
+        check(&name, "teacher-forced cached (prefill + decode)", &cached, &want, v, &mut fails);
 
         // Greedy on the GPU, fed its own tokens, against the CPU's greedy ids.
         let rows = &want[(prompt.len() - 1) * v..];
@@ -216,12 +257,15 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
                 s.sort_by(|a, b| b.total_cmp(a));
                 let margin = s[0] - s[1];
                 let bound = 2.0 * TOL_BF16 * r.iter().map(|x| x.abs()).fold(0.0, f32::max);
-                assert!(
-                    margin <= bound,
-                    "{name}: greedy step {step}: GPU {tok} vs CPU {want_tok}, CPU margin \
-                     {margin} > {bound}"
+                if margin > bound {
+                    fails.push(format!(
+                        "{name}: greedy step {step}: GPU {tok} vs CPU {want_tok}, CPU margin \
+                         {margin} > {bound}"
+                    ));
+                }
+                eprintln!(
+                    "{name}: greedy parts at step {step} (CPU margin {margin}, excused ≤ {bound})"
                 );
-                eprintln!("{name}: greedy parts at step {step} (near-tie, margin {margin})");
                 break;
             }
             compared += 1;
@@ -233,8 +277,11 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
             logits = gpu.forward(&[seq], &mut cache, &opts).unwrap().logits;
         }
         eprintln!("{name}: greedy: {compared} of {} steps equal to the CPU", greedy.len());
-        assert!(compared >= MIN_GREEDY_STEPS, "{name}: only {compared} greedy steps compared");
+        if compared < MIN_GREEDY_STEPS {
+            fails.push(format!("{name}: only {compared} greedy steps compared"));
+        }
     }
+    assert!(fails.is_empty(), "GPU vs CPU failures:\n{}", fails.join("\n"));
 }
 
 #[test]

@@ -180,3 +180,54 @@ extern "C" __global__ void add_base(int* idx, const int* base, int n, int k) {
         if (idx[i] >= 0) idx[i] += base[i / k];
     }
 }
+
+// LayerNorm (biased variance) of f32 rows: y = (x − mean) / sqrt(var + eps) · w + b.
+// One block (256 threads) per row. x, y: [rows, dim]; w, b: [dim].
+extern "C" __global__ void layernorm_f32_rows(const float* x, const float* w, const float* b,
+                                              float* y, int dim, float eps) {
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) s += xr[j];
+    float mean = block_sum_256(s) / (float)dim;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float d = xr[j] - mean;
+        ss += d * d;
+    }
+    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += 256)
+        y[(u64)blockIdx.x * dim + j] = (xr[j] - mean) * r * w[j] + b[j];
+}
+
+// dst[rows[r]·width + j] = src[r·width + j] (f32 rows; rows < 0 skipped).
+extern "C" __global__ void scatter_rows_f32(const float* src, float* dst, const int* rows, int n,
+                                            int width) {
+    u64 total = (u64)n * width;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int r = (int)(i / width), j = (int)(i % width);
+        int d = rows[r];
+        if (d >= 0) dst[(u64)d * width + j] = src[i];
+    }
+}
+
+// indexer_scores_rows with f32 q and f32 keys.
+extern "C" __global__ void indexer_scores_rows_f32(const float* q, const float* w,
+                                                   const float* keys, const int* base,
+                                                   const int* lens, float* out, int H, int D,
+                                                   int max_ctx) {
+    int r = blockIdx.y;
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= max_ctx) return;
+    int len = min(lens[r], max_ctx);
+    float* o = out + (u64)r * max_ctx;
+    if (s >= len) { o[s] = -__int_as_float(0x7f800000); return; }
+    const float* k = keys + ((u64)base[r] + s) * D;
+    float acc = 0.0f;
+    for (int h = 0; h < H; ++h) {
+        const float* qh = q + ((u64)r * H + h) * D;
+        float d = 0.0f;
+        for (int t = 0; t < D; ++t) d += qh[t] * k[t];
+        acc += w[(u64)r * H + h] * fmaxf(d, 0.0f);
+    }
+    o[s] = acc;
+}

@@ -33,6 +33,9 @@ pub const GLUE: KernelSource = KernelSource {
         "unabsorb_o",
         "indexer_scores_rows",
         "add_base",
+        "layernorm_f32_rows",
+        "scatter_rows_f32",
+        "indexer_scores_rows_f32",
     ],
 };
 
@@ -60,7 +63,9 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn launched(op: &'static str) -> impl FnOnce(fathom_kernels::cuda::cudarc::driver::DriverError) -> CudaError {
+fn launched(
+    op: &'static str,
+) -> impl FnOnce(fathom_kernels::cuda::cudarc::driver::DriverError) -> CudaError {
     move |source| CudaError::Driver { op, source }
 }
 
@@ -79,8 +84,10 @@ impl Glue {
             Some(c) => c.get_or_compile(&GLUE, &arch)?.0,
             None => compile_cubin(&GLUE, &arch)?,
         };
-        let module =
-            dev.context().load_module(Ptx::from_binary(cubin)).map_err(launched("cuModuleLoadData"))?;
+        let module = dev
+            .context()
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(launched("cuModuleLoadData"))?;
         let mut f = HashMap::new();
         for &k in GLUE.kernels {
             f.insert(k, module.load_function(k).map_err(launched("cuModuleGetFunction"))?);
@@ -163,7 +170,12 @@ impl Glue {
     }
 
     /// h[i] += a[i] for i < n.
-    pub fn add_into(&self, h: &mut CudaSlice<f32>, a: &CudaSlice<bf16>, n: usize) -> Result<(), CudaError> {
+    pub fn add_into(
+        &self,
+        h: &mut CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<(), CudaError> {
         const OP: &str = "add_bf16_into_f32";
         check(OP, "h", h.len(), n)?;
         check(OP, "a", a.len(), n)?;
@@ -176,7 +188,12 @@ impl Glue {
     }
 
     /// out[i] = a[i] as f32 for i < n.
-    pub fn to_f32(&self, a: &CudaSlice<bf16>, out: &mut CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+    pub fn to_f32(
+        &self,
+        a: &CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
         const OP: &str = "bf16_to_f32_k";
         check(OP, "a", a.len(), n)?;
         check(OP, "out", out.len(), n)?;
@@ -341,7 +358,13 @@ impl Glue {
     }
 
     /// idx[r, j] += base[r] where idx[r, j] ≥ 0. idx `[n, k]`.
-    pub fn add_base(&self, idx: &mut CudaSlice<i32>, base: &CudaSlice<i32>, n: usize, k: usize) -> Result<(), CudaError> {
+    pub fn add_base(
+        &self,
+        idx: &mut CudaSlice<i32>,
+        base: &CudaSlice<i32>,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
         const OP: &str = "add_base";
         check(OP, "idx", idx.len(), n * k)?;
         check(OP, "base", base.len(), n)?;
@@ -350,6 +373,93 @@ impl Glue {
         b.arg(idx).arg(base).arg(&ni).arg(&ki);
         // SAFETY: matches `add_base`; idx holds n × k, base n (checked).
         unsafe { b.launch(grid(n * k)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// y = LayerNorm(x) per row with weight and bias, f32. x, y: [rows, dim].
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "layernorm_f32_rows";
+        check(OP, "x", x.len(), rows * dim)?;
+        check(OP, "y", y.len(), rows * dim)?;
+        check(OP, "w", w.len(), dim)?;
+        check(OP, "bias", bias.len(), dim)?;
+        let d = i32_of(OP, dim)?;
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(x).arg(w).arg(bias).arg(y).arg(&d).arg(&eps);
+        // SAFETY: matches `layernorm_f32_rows`; every buffer checked against rows × dim / dim.
+        unsafe { b.launch(rows_cfg(rows)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// dst[rows[r], :] = src[r, :], f32 rows of `width`; `rows` below `dst_rows` (caller's
+    /// invariant).
+    pub fn scatter_rows_f32(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        dst_rows: usize,
+        rows: &CudaSlice<i32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "scatter_rows_f32";
+        check(OP, "src", src.len(), n * width)?;
+        check(OP, "dst", dst.len(), dst_rows * width)?;
+        check(OP, "rows", rows.len(), n)?;
+        let (ni, wi) = (i32_of(OP, n)?, i32_of(OP, width)?);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(src).arg(dst).arg(rows).arg(&ni).arg(&wi);
+        // SAFETY: matches `scatter_rows_f32`; src holds n rows; every rows entry is a row of dst
+        // (built by the forward from validated positions and slots).
+        unsafe { b.launch(grid(n * width)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// [`Self::indexer_scores`] with f32 queries and an f32 key cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_scores_f32(
+        &self,
+        q: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        keys: &CudaSlice<f32>,
+        base: &CudaSlice<i32>,
+        lens: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        heads: usize,
+        dim: usize,
+        max_ctx: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "indexer_scores_rows_f32";
+        check(OP, "q", q.len(), n * heads * dim)?;
+        check(OP, "w", w.len(), n * heads)?;
+        check(OP, "base", base.len(), n)?;
+        check(OP, "lens", lens.len(), n)?;
+        check(OP, "out", out.len(), n * max_ctx)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (h, d, c) = (i32_of(OP, heads)?, i32_of(OP, dim)?, i32_of(OP, max_ctx)?);
+        let cfg = LaunchConfig {
+            grid_dim: (max_ctx.div_ceil(128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(q).arg(w).arg(keys).arg(base).arg(lens).arg(out).arg(&h).arg(&d).arg(&c);
+        // SAFETY: as `indexer_scores`: keys rows base[r] + s, s < min(lens[r], max_ctx), lie in
+        // the sequence's cache region by the forward's construction.
+        unsafe { b.launch(cfg) }.map_err(launched(OP))?;
         Ok(())
     }
 }

@@ -95,26 +95,58 @@ impl CudaModel {
         let mut xb = dev.zeros::<bf16>(n * hd)?; // [n, hidden]
         let mut xf = dev.zeros::<f32>(n * hd)?;
         g.rmsnorm_f32_rows(h, &lw.attn_norm, &mut xb, &mut xf, n, hd, eps)?;
-        let cq = self.mm(&xb, &a.q_a, n, ql, hd)?; // [n, q_lora]
+        let mut cq = dev.zeros::<f32>(n * ql)?; // [n, q_lora] f32
+        g.gemm_f32(&xf, &a.q_a, &mut cq, n, ql, hd, 1.0)?;
         let mut qr = dev.zeros::<bf16>(n * ql)?;
-        g.rmsnorm_bf16(&cq, &a.q_a_norm, &mut qr, n, ql, eps)?;
+        let mut qrf = dev.zeros::<f32>(n * ql)?;
+        g.rmsnorm_f32_rows(&cq, &a.q_a_norm, &mut qr, &mut qrf, n, ql, eps)?;
         let mut q = self.mm(&qr, &a.q_b, n, nh * qk, ql)?; // [n, nh, nope + rope]
         let shape = RopeShape { tokens: n, heads: nh, head_dim: qk, offset: nope };
-        ops.rope_bf16(&mut q, &st.pos, &self.freqs, shape, self.attention_factor, RopeLayout::Interleaved)?;
+        ops.rope_bf16(
+            &mut q,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::Interleaved,
+        )?;
         let mut ckv = self.mm(&xb, &a.kv_a, n, lat, hd)?; // [n, kv_lora + rope]
         g.rmsnorm_bf16_inplace(&mut ckv, &a.kv_norm, n, lat, kl, eps)?;
         let shape = RopeShape { tokens: n, heads: 1, head_dim: lat, offset: kl };
-        ops.rope_bf16(&mut ckv, &st.pos, &self.freqs, shape, self.attention_factor, RopeLayout::Interleaved)?;
+        ops.rope_bf16(
+            &mut ckv,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::Interleaved,
+        )?;
 
         // Indexer: q [n, H_I, d], k [n, d], head weights [n, H_I].
-        let mut iq = self.mm(&qr, &a.idx_wq_b, n, ih * id, ql)?;
+        let mut iq = dev.zeros::<f32>(n * ih * id)?; // [n, H_I, d] f32
+        g.gemm_f32(&qrf, &a.idx_wq_b, &mut iq, n, ih * id, ql, 1.0)?;
         let shape = RopeShape { tokens: n, heads: ih, head_dim: id, offset: 0 };
-        ops.rope_bf16(&mut iq, &st.pos, &self.freqs, shape, self.attention_factor, RopeLayout::HalfSplit)?;
-        let ik_raw = self.mm(&xb, &a.idx_wk, n, id, hd)?;
-        let mut ik = dev.zeros::<bf16>(n * id)?;
-        ops.layernorm_bf16(&ik_raw, &a.idx_k_norm_w, &a.idx_k_norm_b, &mut ik, n, id, K_NORM_EPS)?;
+        ops.rope_f32(
+            &mut iq,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::HalfSplit,
+        )?;
+        let mut ik_raw = dev.zeros::<f32>(n * id)?; // [n, d] f32
+        g.gemm_f32(&xf, &a.idx_wk, &mut ik_raw, n, id, hd, 1.0)?;
+        let mut ik = dev.zeros::<f32>(n * id)?;
+        g.layernorm_f32(&ik_raw, &a.idx_k_norm_w, &a.idx_k_norm_b, &mut ik, n, id, K_NORM_EPS)?;
         let shape = RopeShape { tokens: n, heads: 1, head_dim: id, offset: 0 };
-        ops.rope_bf16(&mut ik, &st.pos, &self.freqs, shape, self.attention_factor, RopeLayout::HalfSplit)?;
+        ops.rope_f32(
+            &mut ik,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::HalfSplit,
+        )?;
         let mut iw = dev.zeros::<f32>(n * ih)?;
         let wscale = (ih as f32).powf(-0.5) * (id as f32).powf(-0.5);
         g.gemm_f32(&xf, &a.idx_weights_proj, &mut iw, n, ih, hd, wscale)?;
@@ -122,9 +154,20 @@ impl CudaModel {
         // Cache writes, then selection: top-k of the indexer scores over each row's causal keys
         // (all of them, ascending, when there are ≤ index_topk) → cache rows.
         g.scatter_rows(&ckv, lat, &mut cache.latent[li], lat, cache_rows, &st.row, n, lat)?;
-        g.scatter_rows(&ik, id, &mut cache.index[li], id, cache_rows, &st.row, n, id)?;
+        g.scatter_rows_f32(&ik, &mut cache.index[li], cache_rows, &st.row, n, id)?;
         let mut scores = dev.zeros::<f32>(n * max_ctx)?; // [n, max_ctx]
-        g.indexer_scores(&iq, &iw, &cache.index[li], &st.base, &st.len, &mut scores, n, ih, id, max_ctx)?;
+        g.indexer_scores_f32(
+            &iq,
+            &iw,
+            &cache.index[li],
+            &st.base,
+            &st.len,
+            &mut scores,
+            n,
+            ih,
+            id,
+            max_ctx,
+        )?;
         let mut sel = dev.zeros::<i32>(n * topk)?; // [n, topk]
         ops.topk_rows_f32(&scores, &st.len, &mut sel, n, max_ctx, topk)?;
         g.add_base(&mut sel, &st.base, n, topk)?;
@@ -133,16 +176,20 @@ impl CudaModel {
         let mut qa = dev.zeros::<bf16>(n * nh_pad * lat)?;
         g.absorb_q(&q, &a.kv_b, &mut qa, n, nh, nh_pad, (nope, rope, v, kl))?;
         let mut ol = dev.zeros::<bf16>(n * nh_pad * kl)?;
-        let shape = MlaDecodeShape {
-            batch: n,
-            heads: nh_pad,
-            kv_lora: kl,
-            rope,
-            topk,
-            n_rows: cache_rows,
-        };
+        let shape =
+            MlaDecodeShape { batch: n, heads: nh_pad, kv_lora: kl, rope, topk, n_rows: cache_rows };
         let (mut ws_o, mut ws_ml) = (dev.zeros::<f32>(1)?, dev.zeros::<f32>(1)?);
-        ops.mla_sparse_decode_bf16(&qa, &cache.latent[li], &sel, &mut ol, &mut ws_o, &mut ws_ml, &shape, self.scale, 1)?;
+        ops.mla_sparse_decode_bf16(
+            &qa,
+            &cache.latent[li],
+            &sel,
+            &mut ol,
+            &mut ws_o,
+            &mut ws_ml,
+            &shape,
+            self.scale,
+            1,
+        )?;
         let mut oh = dev.zeros::<bf16>(n * nh * v)?;
         g.unabsorb_o(&ol, &a.kv_b, &mut oh, n, nh, nh_pad, (nope, v, kl))?;
         let attn = self.mm(&oh, &a.o_proj, n, hd, nh * v)?; // [n, hidden]
@@ -165,7 +212,18 @@ impl CudaModel {
                 let shape = MoeShape { tokens: n, top_k: k, n_experts: e, dim: hd, inter: *inner };
                 let mut scratch = MoeScratch::new(dev, n * k, &shape)?;
                 let mut routed = dev.zeros::<bf16>(n * hd)?;
-                moe_experts_bf16(dev, &self.blas, &xb, &ids, &wts, w13, w2, &mut routed, &mut scratch, &shape)?;
+                moe_experts_bf16(
+                    dev,
+                    &self.blas,
+                    &xb,
+                    &ids,
+                    &wts,
+                    w13,
+                    w2,
+                    &mut routed,
+                    &mut scratch,
+                    &shape,
+                )?;
                 g.add_into(h, &routed, n * hd)?;
                 if let Some(s) = shared {
                     let f = self.mlp(s, &xb, n)?;

@@ -2,14 +2,15 @@
 //! `fathom_kernels::cuda` plus a few glue kernels (`glue.cu`).
 //!
 //! Owns: the device weights ([`CudaModel::load`] from any [`TensorSource`]), a device-resident
-//! cache ([`CudaKvCache`]: per layer a bf16 latent `[c | k_pe]` and a bf16 indexer-key buffer,
+//! cache ([`CudaKvCache`]: per layer a bf16 latent `[c | k_pe]` and an f32 indexer-key buffer,
 //! one contiguous region of `max_ctx` rows per sequence slot), and the batched forward
 //! ([`CudaModel::forward`], mirroring `Model::forward`: prefill chunks and decodes mix freely).
 //! Does not own: sampling, slot allocation (callers pick slots), multi-GPU layouts, MTP.
 //!
 //! Numerics: the residual stream is f32 on the device; GEMM weights and activations between
-//! ops are bf16 (cuBLAS, fp32 accumulation); norms, router logits, indexer head weights and the
-//! MLA absorption (`kv_b_proj`) run in fp32. Attention is the absorbed sparse form for every row
+//! ops are bf16 (cuBLAS, fp32 accumulation); norms, the q-LoRA down projection, router logits,
+//! the whole indexer (its top-k is discrete: bf16 noise would flip selections the f32 reference
+//! makes with margins of 1e-4) and the MLA absorption (`kv_b_proj`) run in fp32. Attention is the absorbed sparse form for every row
 //! (prefill too): each query row gets its own `index_topk` selection (all causal keys when the
 //! context is ≤ `index_topk`, the indexer's top-k otherwise — exactly the CPU rule) and goes
 //! through the sparse MLA decode kernel. The MoE experts op synchronises the stream once per MoE
@@ -61,11 +62,11 @@ pub struct CudaSeqInput<'a> {
 }
 
 /// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` and indexer keys
-/// `[slots·max_ctx, index_head_dim]`, bf16.
+/// `[slots·max_ctx, index_head_dim]` f32.
 #[derive(Debug)]
 pub struct CudaKvCache {
     pub(crate) latent: Vec<CudaSlice<bf16>>,
-    pub(crate) index: Vec<CudaSlice<bf16>>,
+    pub(crate) index: Vec<CudaSlice<f32>>,
     slots: usize,
     max_ctx: usize,
 }
@@ -163,7 +164,7 @@ impl CudaModel {
         let mut index = Vec::new();
         for _ in 0..c.num_hidden_layers {
             latent.push(self.dev.zeros::<bf16>(rows * lat)?);
-            index.push(self.dev.zeros::<bf16>(rows * c.index_head_dim)?);
+            index.push(self.dev.zeros::<f32>(rows * c.index_head_dim)?);
         }
         Ok(CudaKvCache { latent, index, slots, max_ctx })
     }

@@ -1,7 +1,8 @@
 //! Device weights of the GPU forward, uploaded from any [`TensorSource`] (HF names, as the CPU
 //! model loads them; every shape checked against the config). GEMM weights are bf16 (cuBLAS);
-//! norm weights, the router (`mlp.gate`), the indexer's `weights_proj` and `kv_b_proj` (used by
-//! the absorption kernels in fp32) stay f32. One rank holds everything (W = 1).
+//! norm weights, the router (`mlp.gate`), `q_a_proj` and the whole indexer (its discrete
+//! top-k must follow the f32 reference) and `kv_b_proj` (used by the absorption kernels in
+//! fp32) stay f32. One rank holds everything (W = 1).
 
 use fathom_common::ModelConfig;
 use fathom_kernels::cuda::CudaDevice;
@@ -54,15 +55,15 @@ fn up_bf16(
 /// One layer's attention and indexer weights (all heads).
 #[derive(Debug)]
 pub(crate) struct AttnW {
-    pub q_a: CudaSlice<bf16>,      // [q_lora, hidden]
-    pub q_a_norm: CudaSlice<f32>,  // [q_lora]
-    pub q_b: CudaSlice<bf16>,      // [heads·(nope+rope), q_lora]
-    pub kv_a: CudaSlice<bf16>,     // [kv_lora + rope, hidden]
-    pub kv_norm: CudaSlice<f32>,   // [kv_lora]
-    pub kv_b: CudaSlice<f32>,      // [heads·(nope+v), kv_lora]
-    pub o_proj: CudaSlice<bf16>,   // [hidden, heads·v]
-    pub idx_wq_b: CudaSlice<bf16>, // [H_I·d, q_lora]
-    pub idx_wk: CudaSlice<bf16>,   // [d, hidden]
+    pub q_a: CudaSlice<f32>,      // [q_lora, hidden]
+    pub q_a_norm: CudaSlice<f32>, // [q_lora]
+    pub q_b: CudaSlice<bf16>,     // [heads·(nope+rope), q_lora]
+    pub kv_a: CudaSlice<bf16>,    // [kv_lora + rope, hidden]
+    pub kv_norm: CudaSlice<f32>,  // [kv_lora]
+    pub kv_b: CudaSlice<f32>,     // [heads·(nope+v), kv_lora]
+    pub o_proj: CudaSlice<bf16>,  // [hidden, heads·v]
+    pub idx_wq_b: CudaSlice<f32>, // [H_I·d, q_lora]
+    pub idx_wk: CudaSlice<f32>,   // [d, hidden]
     pub idx_k_norm_w: CudaSlice<f32>,
     pub idx_k_norm_b: CudaSlice<f32>,
     pub idx_weights_proj: CudaSlice<f32>, // [H_I, hidden]
@@ -76,6 +77,8 @@ pub(crate) struct MlpW {
     pub inner: usize,
 }
 
+/// One per layer, so the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum FfnW {
     Dense(MlpW),
@@ -134,15 +137,15 @@ impl LayerW {
         let nh = cfg.num_attention_heads;
         let (ih, id) = (cfg.index_n_heads, cfg.index_head_dim);
         let attn = AttnW {
-            q_a: up_bf16(dev, src, &format!("{a}.q_a_proj.weight"), &[ql, h])?,
+            q_a: up_f32(dev, src, &format!("{a}.q_a_proj.weight"), &[ql, h])?,
             q_a_norm: up_f32(dev, src, &format!("{a}.q_a_layernorm.weight"), &[ql])?,
             q_b: up_bf16(dev, src, &format!("{a}.q_b_proj.weight"), &[nh * (nope + rope), ql])?,
             kv_a: up_bf16(dev, src, &format!("{a}.kv_a_proj_with_mqa.weight"), &[kl + rope, h])?,
             kv_norm: up_f32(dev, src, &format!("{a}.kv_a_layernorm.weight"), &[kl])?,
             kv_b: up_f32(dev, src, &format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), kl])?,
             o_proj: up_bf16(dev, src, &format!("{a}.o_proj.weight"), &[h, nh * v])?,
-            idx_wq_b: up_bf16(dev, src, &format!("{a}.indexer.wq_b.weight"), &[ih * id, ql])?,
-            idx_wk: up_bf16(dev, src, &format!("{a}.indexer.wk.weight"), &[id, h])?,
+            idx_wq_b: up_f32(dev, src, &format!("{a}.indexer.wq_b.weight"), &[ih * id, ql])?,
+            idx_wk: up_f32(dev, src, &format!("{a}.indexer.wk.weight"), &[id, h])?,
             idx_k_norm_w: up_f32(dev, src, &format!("{a}.indexer.k_norm.weight"), &[id])?,
             idx_k_norm_b: up_f32(dev, src, &format!("{a}.indexer.k_norm.bias"), &[id])?,
             idx_weights_proj: up_f32(
@@ -194,11 +197,14 @@ impl LayerW {
 }
 
 /// Embedding `[vocab, hidden]` bf16, final norm f32, LM head `[vocab, hidden]` bf16.
+pub(crate) type Top = (CudaSlice<bf16>, CudaSlice<f32>, CudaSlice<bf16>);
+
+/// Loads [`Top`].
 pub(crate) fn load_top(
     dev: &CudaDevice,
     src: &dyn TensorSource,
     cfg: &ModelConfig,
-) -> Result<(CudaSlice<bf16>, CudaSlice<f32>, CudaSlice<bf16>), CudaModelError> {
+) -> Result<Top, CudaModelError> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     Ok((
         up_bf16(dev, src, "model.embed_tokens.weight", &[v, h])?,
