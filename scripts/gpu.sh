@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA test binaries (cuda_* of fathom-kernels) and the GPU bench here, copies them
+# Builds the CUDA test binaries (cuda_* of fathom-kernels, cuda_model_* of fathom-worker: the
+# GPU model forward against the CPU reference on the golden fixtures) and the GPU bench here, copies them
 # (stripped) with a runner script into the lead checkout's git-ignored .device/ folder, and
 # prints the device-tool call that runs them on the GPU machine.
 #
@@ -16,6 +17,7 @@ dest="${FATHOM_DEVICE_DIR:-/work/main/.device/cuda}"
 
 echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
 json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
+json+=$'\n'$(cargo test -p fathom-worker --test 'cuda_model_*' --no-run --message-format=json 2>/dev/null)
 cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
 
 rm -rf "$dest/bin"
@@ -48,6 +50,9 @@ cu13="$site/nvidia/cu13/lib"
 nccl="$site/nvidia/nccl/lib/libnccl.so.2"
 [ -d "$cu13" ] || { echo "FAIL: no CUDA wheel libraries at $cu13"; exit 2; }
 links=$(mktemp -d)
+# The worker's GPU tests read the golden fixtures relative to the workspace they were built in;
+# on this machine they come with the checkout (tests/fixtures/golden, next to .device/).
+export FATHOM_GOLDEN_DIR="${FATHOM_GOLDEN_DIR:-$(cd "$here/../.." && pwd)/tests/fixtures/golden}"
 [ -e "$nccl" ] && ln -s "$nccl" "$links/libnccl.so"
 export LD_LIBRARY_PATH="$links:$cu13:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on these machines

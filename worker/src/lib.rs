@@ -9,6 +9,7 @@
 pub mod executor;
 pub mod kv;
 pub mod model;
+pub mod model_cuda;
 pub mod parallel;
 pub mod sampling;
 pub mod service;

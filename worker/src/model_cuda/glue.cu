@@ -1,0 +1,233 @@
+// Glue kernels of the GPU model forward (worker/src/model_cuda): the small steps between the
+// shared ops of fathom_kernels::cuda that the op set does not have. Simple one-thread-per-output
+// (or one-block-per-row) kernels: correctness first, sized for any shape.
+
+// Block-wide sum over 256 threads (blockDim.x must be 256).
+__device__ float block_sum_256(float v) {
+    __shared__ float part[8];
+    v = warp_sum(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int i = 0; i < 8; ++i) t += part[i];
+    __syncthreads();
+    return t;
+}
+
+// RMSNorm of f32 rows into bf16 (and f32 when yf != 0). One block (256 threads) per row.
+// x, yf: [rows, dim] f32; y: [rows, dim] bf16; w: [dim] f32.
+extern "C" __global__ void rmsnorm_f32_rows(const float* x, const float* w, bf16_t* y, float* yf,
+                                            int dim, float eps) {
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) ss += xr[j] * xr[j];
+    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float v = w[j] * (xr[j] * r);
+        y[(u64)blockIdx.x * dim + j] = f32_to_bf16(v);
+        if (yf) yf[(u64)blockIdx.x * dim + j] = v;
+    }
+}
+
+// RMSNorm of the first `dim` elements of bf16 rows with strides (in place allowed: every thread
+// writes only what it read). x: row r at x + r·xs; y: row r at y + r·ys.
+extern "C" __global__ void rmsnorm_bf16_strided(const bf16_t* x, int xs, const float* w, bf16_t* y,
+                                                int ys, int dim, float eps) {
+    const bf16_t* xr = x + (u64)blockIdx.x * xs;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float v = bf16_to_f32(xr[j]);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float v = bf16_to_f32(xr[j]);
+        y[(u64)blockIdx.x * ys + j] = f32_to_bf16(w[j] * (v * r));
+    }
+}
+
+// In-place RMSNorm of the first `dim` elements of each bf16 row (row stride xs): the kv latent
+// part of `[c | k_pe]` rows.
+extern "C" __global__ void rmsnorm_bf16_inplace(bf16_t* x, int xs, const float* w, int dim,
+                                                float eps) {
+    bf16_t* xr = x + (u64)blockIdx.x * xs;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float v = bf16_to_f32(xr[j]);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += 256) xr[j] = f32_to_bf16(w[j] * (bf16_to_f32(xr[j]) * r));
+}
+
+// h[i] += a[i] (residual add of a bf16 sub-layer output into the f32 stream).
+extern "C" __global__ void add_bf16_into_f32(float* h, const bf16_t* a, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        h[i] += bf16_to_f32(a[i]);
+}
+
+// out[i] = a[i] as f32.
+extern "C" __global__ void bf16_to_f32_k(const bf16_t* a, float* out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = bf16_to_f32(a[i]);
+}
+
+// out[i] = bf16(a[i]).
+extern "C" __global__ void f32_to_bf16_k(const float* a, bf16_t* out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f32_to_bf16(a[i]);
+}
+
+// y[m, n] = c · x[m, k] · w[n, k]ᵀ in f32 (router logits, indexer head weights). One thread per
+// output; a warp per output row segment reads x coalesced enough for these small GEMMs.
+extern "C" __global__ void gemm_f32_nt(const float* x, const float* w, float* y, int m, int n,
+                                       int k, float c) {
+    u64 total = (u64)m * n;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int r = (int)(i / n), col = (int)(i % n);
+        const float* xr = x + (u64)r * k;
+        const float* wr = w + (u64)col * k;
+        float acc = 0.0f;
+        for (int j = 0; j < k; ++j) acc += xr[j] * wr[j];
+        y[i] = c * acc;
+    }
+}
+
+// dst[rows[r]·ds + j] = src[r·ss + j] for j < width (cache writes; rows < 0 skipped).
+extern "C" __global__ void scatter_rows_bf16(const bf16_t* src, int ss, bf16_t* dst, int ds,
+                                             const int* rows, int n, int width) {
+    u64 total = (u64)n * width;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int r = (int)(i / width), j = (int)(i % width);
+        int d = rows[r];
+        if (d >= 0) dst[(u64)d * ds + j] = src[(u64)r * ss + j];
+    }
+}
+
+// Absorbed query: qa[r, h, c] = Σ_i q[r, h, i] · kv_b[h·(nope+v) + i, c] for c < kl, and
+// qa[r, h, kl + t] = q[r, h, nope + t] (the rotated rope part). q: [n, nh, nope+rope] bf16,
+// kv_b: [nh·(nope+v), kl] f32, qa: [n, nh, kl+rope] bf16.
+// qa has nh_pad ≥ nh heads per row (the decode kernel takes multiples of 16): pad heads are 0.
+extern "C" __global__ void absorb_q(const bf16_t* q, const float* kv_b, bf16_t* qa, int n, int nh,
+                                    int nh_pad, int nope, int rope, int v, int kl) {
+    int lat = kl + rope, qk = nope + rope;
+    u64 total = (u64)n * nh_pad * lat;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int c = (int)(i % lat);
+        u64 rh = i / lat;
+        int h = (int)(rh % nh_pad);
+        u64 r = rh / nh_pad;
+        if (h >= nh) { qa[i] = 0; continue; }
+        const bf16_t* qr = q + (r * nh + h) * qk;
+        float acc;
+        if (c < kl) {
+            acc = 0.0f;
+            for (int t = 0; t < nope; ++t)
+                acc += bf16_to_f32(qr[t]) * kv_b[((u64)h * (nope + v) + t) * kl + c];
+        } else {
+            acc = bf16_to_f32(qr[nope + (c - kl)]);
+        }
+        qa[i] = f32_to_bf16(acc);
+    }
+}
+
+// Un-absorb: oh[r, h, j] = Σ_c ol[r, h, c] · kv_b[h·(nope+v) + nope + j, c].
+// ol: [n, nh_pad, kl] bf16 (pad heads ignored), kv_b: [nh·(nope+v), kl] f32, oh: [n, nh, v].
+extern "C" __global__ void unabsorb_o(const bf16_t* ol, const float* kv_b, bf16_t* oh, int n,
+                                      int nh, int nh_pad, int nope, int v, int kl) {
+    u64 total = (u64)n * nh * v;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int j = (int)(i % v);
+        u64 rh = i / v;
+        int h = (int)(rh % nh);
+        u64 r = rh / nh;
+        const bf16_t* o = ol + (r * nh_pad + h) * kl;
+        const float* wr = kv_b + ((u64)h * (nope + v) + nope + j) * kl;
+        float acc = 0.0f;
+        for (int c = 0; c < kl; ++c) acc += bf16_to_f32(o[c]) * wr[c];
+        oh[i] = f32_to_bf16(acc);
+    }
+}
+
+// Indexer scores of query row r over its own sequence's cached keys (any head dim):
+// out[r, s] = Σ_h w[r, h] · ReLU(q[r, h, :] · keys[base[r] + s, :]) for s < lens[r], −∞ for
+// lens[r] ≤ s < max_ctx. q: [n, H, D] bf16, w: [n, H] f32, keys: [*, D] bf16. Grid (ctx/128, n).
+extern "C" __global__ void indexer_scores_rows(const bf16_t* q, const float* w, const bf16_t* keys,
+                                               const int* base, const int* lens, float* out,
+                                               int H, int D, int max_ctx) {
+    int r = blockIdx.y;
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= max_ctx) return;
+    int len = min(lens[r], max_ctx);
+    float* o = out + (u64)r * max_ctx;
+    if (s >= len) { o[s] = -__int_as_float(0x7f800000); return; }
+    const bf16_t* k = keys + ((u64)base[r] + s) * D;
+    float acc = 0.0f;
+    for (int h = 0; h < H; ++h) {
+        const bf16_t* qh = q + ((u64)r * H + h) * D;
+        float d = 0.0f;
+        for (int t = 0; t < D; ++t) d += bf16_to_f32(qh[t]) * bf16_to_f32(k[t]);
+        acc += w[(u64)r * H + h] * fmaxf(d, 0.0f);
+    }
+    o[s] = acc;
+}
+
+// idx[r, j] += base[r] where idx[r, j] ≥ 0 (sequence-local positions → cache rows).
+extern "C" __global__ void add_base(int* idx, const int* base, int n, int k) {
+    u64 total = (u64)n * k;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        if (idx[i] >= 0) idx[i] += base[i / k];
+    }
+}
+
+// LayerNorm (biased variance) of f32 rows: y = (x − mean) / sqrt(var + eps) · w + b.
+// One block (256 threads) per row. x, y: [rows, dim]; w, b: [dim].
+extern "C" __global__ void layernorm_f32_rows(const float* x, const float* w, const float* b,
+                                              float* y, int dim, float eps) {
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) s += xr[j];
+    float mean = block_sum_256(s) / (float)dim;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += 256) {
+        float d = xr[j] - mean;
+        ss += d * d;
+    }
+    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
+    for (int j = threadIdx.x; j < dim; j += 256)
+        y[(u64)blockIdx.x * dim + j] = (xr[j] - mean) * r * w[j] + b[j];
+}
+
+// dst[rows[r]·width + j] = src[r·width + j] (f32 rows; rows < 0 skipped).
+extern "C" __global__ void scatter_rows_f32(const float* src, float* dst, const int* rows, int n,
+                                            int width) {
+    u64 total = (u64)n * width;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int r = (int)(i / width), j = (int)(i % width);
+        int d = rows[r];
+        if (d >= 0) dst[(u64)d * width + j] = src[i];
+    }
+}
+
+// indexer_scores_rows with f32 q and f32 keys.
+extern "C" __global__ void indexer_scores_rows_f32(const float* q, const float* w,
+                                                   const float* keys, const int* base,
+                                                   const int* lens, float* out, int H, int D,
+                                                   int max_ctx) {
+    int r = blockIdx.y;
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= max_ctx) return;
+    int len = min(lens[r], max_ctx);
+    float* o = out + (u64)r * max_ctx;
+    if (s >= len) { o[s] = -__int_as_float(0x7f800000); return; }
+    const float* k = keys + ((u64)base[r] + s) * D;
+    float acc = 0.0f;
+    for (int h = 0; h < H; ++h) {
+        const float* qh = q + ((u64)r * H + h) * D;
+        float d = 0.0f;
+        for (int t = 0; t < D; ++t) d += qh[t] * k[t];
+        acc += w[(u64)r * H + h] * fmaxf(d, 0.0f);
+    }
+    o[s] = acc;
+}

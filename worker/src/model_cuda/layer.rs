@@ -1,0 +1,236 @@
+//! One decoder block on the device: `h += Attn(RMSNorm(h))`, `h += FFN(RMSNorm(h))`, with the
+//! step's per-token device indices ([`DeviceStep`]). Attention: q-LoRA, kv-LoRA (norm + RoPE),
+//! indexer (q, k, head weights), cache writes, per-row selection (indexer scores → top-k),
+//! absorbed sparse MLA decode kernel, un-absorption, o_proj. FFN: dense SwiGLU or router +
+//! routed experts + shared expert.
+
+use fathom_kernels::cuda::cudarc::driver::CudaSlice;
+use fathom_kernels::cuda::{
+    CudaDevice, CudaError, MlaDecodeShape, MoeScratch, MoeShape, RopeLayout, RopeShape,
+    moe_experts_bf16,
+};
+use half::bf16;
+
+use super::weights::{FfnW, LayerW, MlpW};
+use super::{CudaKvCache, CudaModel, CudaModelError};
+
+/// LayerNorm epsilon of `indexer.k_norm` (spec §2.3).
+const K_NORM_EPS: f32 = 1e-6;
+
+/// Per token row of a step (host side): position, cache row, its sequence's first cache row,
+/// and its causal length `position + 1`.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    pub pos: Vec<i32>,
+    pub row: Vec<i32>,
+    pub base: Vec<i32>,
+    pub len: Vec<i32>,
+}
+
+/// [`Step`] on the device.
+pub(crate) struct DeviceStep {
+    pos: CudaSlice<i32>,
+    row: CudaSlice<i32>,
+    base: CudaSlice<i32>,
+    len: CudaSlice<i32>,
+}
+
+impl Step {
+    pub(crate) fn upload(&self, dev: &CudaDevice) -> Result<DeviceStep, CudaError> {
+        Ok(DeviceStep {
+            pos: dev.upload(&self.pos)?,
+            row: dev.upload(&self.row)?,
+            base: dev.upload(&self.base)?,
+            len: dev.upload(&self.len)?,
+        })
+    }
+}
+
+impl CudaModel {
+    /// `y [m, n] = x [m, k] · w [n, k]ᵀ` into a new buffer.
+    fn mm(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<CudaSlice<bf16>, CudaError> {
+        let mut y = self.dev.zeros::<bf16>(m * n)?;
+        self.blas.gemm_bf16(x, w, &mut y, m, n, k)?;
+        Ok(y)
+    }
+
+    fn mlp(&self, w: &MlpW, x: &CudaSlice<bf16>, n: usize) -> Result<CudaSlice<bf16>, CudaError> {
+        let hd = self.cfg.hidden_size;
+        let gu = self.mm(x, &w.gate_up, n, 2 * w.inner, hd)?; // [n, 2·inner]
+        let mut act = self.dev.zeros::<bf16>(n * w.inner)?; // [n, inner]
+        self.dev.ops().swiglu_fused_bf16(&gu, &mut act, n, w.inner)?;
+        self.mm(&act, &w.down, n, hd, w.inner) // [n, hidden]
+    }
+
+    pub(crate) fn layer_forward(
+        &self,
+        lw: &LayerW,
+        li: usize,
+        h: &mut CudaSlice<f32>,
+        n: usize,
+        st: &DeviceStep,
+        cache: &mut CudaKvCache,
+    ) -> Result<(), CudaModelError> {
+        let c = &self.cfg;
+        let (dev, ops, g) = (&self.dev, self.dev.ops(), &self.glue);
+        let hd = c.hidden_size;
+        let eps = c.rms_norm_eps as f32;
+        let (ql, kl) = (c.q_lora_rank, c.kv_lora_rank);
+        let (nope, rope, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (nh, qk, lat) = (c.num_attention_heads, nope + rope, kl + rope);
+        let nh_pad = nh.div_ceil(16) * 16;
+        let (ih, id, topk) = (c.index_n_heads, c.index_head_dim, c.index_topk);
+        let max_ctx = cache.max_ctx();
+        let cache_rows = cache.slots() * max_ctx;
+        let a = &lw.attn;
+
+        // ---- attention
+        let mut xb = dev.zeros::<bf16>(n * hd)?; // [n, hidden]
+        let mut xf = dev.zeros::<f32>(n * hd)?;
+        g.rmsnorm_f32_rows(h, &lw.attn_norm, &mut xb, &mut xf, n, hd, eps)?;
+        let mut cq = dev.zeros::<f32>(n * ql)?; // [n, q_lora] f32
+        g.gemm_f32(&xf, &a.q_a, &mut cq, n, ql, hd, 1.0)?;
+        let mut qr = dev.zeros::<bf16>(n * ql)?;
+        let mut qrf = dev.zeros::<f32>(n * ql)?;
+        g.rmsnorm_f32_rows(&cq, &a.q_a_norm, &mut qr, &mut qrf, n, ql, eps)?;
+        let mut q = self.mm(&qr, &a.q_b, n, nh * qk, ql)?; // [n, nh, nope + rope]
+        let shape = RopeShape { tokens: n, heads: nh, head_dim: qk, offset: nope };
+        ops.rope_bf16(
+            &mut q,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::Interleaved,
+        )?;
+        let mut ckv = self.mm(&xb, &a.kv_a, n, lat, hd)?; // [n, kv_lora + rope]
+        g.rmsnorm_bf16_inplace(&mut ckv, &a.kv_norm, n, lat, kl, eps)?;
+        let shape = RopeShape { tokens: n, heads: 1, head_dim: lat, offset: kl };
+        ops.rope_bf16(
+            &mut ckv,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::Interleaved,
+        )?;
+
+        // Indexer: q [n, H_I, d], k [n, d], head weights [n, H_I].
+        let mut iq = dev.zeros::<f32>(n * ih * id)?; // [n, H_I, d] f32
+        g.gemm_f32(&qrf, &a.idx_wq_b, &mut iq, n, ih * id, ql, 1.0)?;
+        let shape = RopeShape { tokens: n, heads: ih, head_dim: id, offset: 0 };
+        ops.rope_f32(
+            &mut iq,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::HalfSplit,
+        )?;
+        let mut ik_raw = dev.zeros::<f32>(n * id)?; // [n, d] f32
+        g.gemm_f32(&xf, &a.idx_wk, &mut ik_raw, n, id, hd, 1.0)?;
+        let mut ik = dev.zeros::<f32>(n * id)?;
+        g.layernorm_f32(&ik_raw, &a.idx_k_norm_w, &a.idx_k_norm_b, &mut ik, n, id, K_NORM_EPS)?;
+        let shape = RopeShape { tokens: n, heads: 1, head_dim: id, offset: 0 };
+        ops.rope_f32(
+            &mut ik,
+            &st.pos,
+            &self.freqs,
+            shape,
+            self.attention_factor,
+            RopeLayout::HalfSplit,
+        )?;
+        let mut iw = dev.zeros::<f32>(n * ih)?;
+        let wscale = (ih as f32).powf(-0.5) * (id as f32).powf(-0.5);
+        g.gemm_f32(&xf, &a.idx_weights_proj, &mut iw, n, ih, hd, wscale)?;
+
+        // Cache writes, then selection: top-k of the indexer scores over each row's causal keys
+        // (all of them, ascending, when there are ≤ index_topk) → cache rows.
+        g.scatter_rows(&ckv, lat, &mut cache.latent[li], lat, cache_rows, &st.row, n, lat)?;
+        g.scatter_rows_f32(&ik, &mut cache.index[li], cache_rows, &st.row, n, id)?;
+        let mut scores = dev.zeros::<f32>(n * max_ctx)?; // [n, max_ctx]
+        g.indexer_scores_f32(
+            &iq,
+            &iw,
+            &cache.index[li],
+            &st.base,
+            &st.len,
+            &mut scores,
+            n,
+            ih,
+            id,
+            max_ctx,
+        )?;
+        let mut sel = dev.zeros::<i32>(n * topk)?; // [n, topk]
+        ops.topk_rows_f32(&scores, &st.len, &mut sel, n, max_ctx, topk)?;
+        g.add_base(&mut sel, &st.base, n, topk)?;
+
+        // Absorbed sparse attention → [n, nh_pad, kv_lora] → per-head [n, nh, v] → o_proj.
+        let mut qa = dev.zeros::<bf16>(n * nh_pad * lat)?;
+        g.absorb_q(&q, &a.kv_b, &mut qa, n, nh, nh_pad, (nope, rope, v, kl))?;
+        let mut ol = dev.zeros::<bf16>(n * nh_pad * kl)?;
+        let shape =
+            MlaDecodeShape { batch: n, heads: nh_pad, kv_lora: kl, rope, topk, n_rows: cache_rows };
+        let (mut ws_o, mut ws_ml) = (dev.zeros::<f32>(1)?, dev.zeros::<f32>(1)?);
+        ops.mla_sparse_decode_bf16(
+            &qa,
+            &cache.latent[li],
+            &sel,
+            &mut ol,
+            &mut ws_o,
+            &mut ws_ml,
+            &shape,
+            self.scale,
+            1,
+        )?;
+        let mut oh = dev.zeros::<bf16>(n * nh * v)?;
+        g.unabsorb_o(&ol, &a.kv_b, &mut oh, n, nh, nh_pad, (nope, v, kl))?;
+        let attn = self.mm(&oh, &a.o_proj, n, hd, nh * v)?; // [n, hidden]
+        g.add_into(h, &attn, n * hd)?;
+
+        // ---- FFN
+        g.rmsnorm_f32_rows(h, &lw.ffn_norm, &mut xb, &mut xf, n, hd, eps)?;
+        match &lw.ffn {
+            FfnW::Dense(w) => {
+                let f = self.mlp(w, &xb, n)?;
+                g.add_into(h, &f, n * hd)?;
+            }
+            FfnW::Moe { gate, bias, w13, w2, inner, shared } => {
+                let (e, k) = (self.router.n_experts, self.router.top_k);
+                let mut logits = dev.zeros::<f32>(n * e)?; // [n, E] f32
+                g.gemm_f32(&xf, gate, &mut logits, n, e, hd, 1.0)?;
+                let mut ids = dev.zeros::<i32>(n * k)?;
+                let mut wts = dev.zeros::<f32>(n * k)?;
+                ops.router_select(&logits, bias, &mut ids, &mut wts, n, &self.router)?;
+                let shape = MoeShape { tokens: n, top_k: k, n_experts: e, dim: hd, inter: *inner };
+                let mut scratch = MoeScratch::new(dev, n * k, &shape)?;
+                let mut routed = dev.zeros::<bf16>(n * hd)?;
+                moe_experts_bf16(
+                    dev,
+                    &self.blas,
+                    &xb,
+                    &ids,
+                    &wts,
+                    w13,
+                    w2,
+                    &mut routed,
+                    &mut scratch,
+                    &shape,
+                )?;
+                g.add_into(h, &routed, n * hd)?;
+                if let Some(s) = shared {
+                    let f = self.mlp(s, &xb, n)?;
+                    g.add_into(h, &f, n * hd)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
