@@ -1,9 +1,8 @@
 //! Text for the coordinator: prompt text → ids and generated ids → text deltas, with the model
 //! directory's `tokenizer.json`.
 //!
-//! Owns only what the engine needs (encode without special tokens added; an incremental decoder
-//! that never emits a broken UTF-8 character: a delta is held back while the decoded text ends
-//! in U+FFFD). The richer text layer (`text/`: chat template, stop strings) plugs in here later.
+//! Owns the engine's tokenizer handle: encode without special tokens added, whole decodes, and
+//! per-sequence streaming decoders from the text layer (`crate::text::IncrementalDecoder`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,48 +48,14 @@ impl TextCodec {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// A streaming decoder of one sequence's generated ids (`text::IncrementalDecoder`: never a
+    /// broken UTF-8 character in a delta).
+    pub fn decoder(&self, mode: crate::text::SpecialTokenMode) -> crate::text::IncrementalDecoder {
+        crate::text::IncrementalDecoder::new(self.tok.clone(), mode)
+    }
+
     /// Decodes `ids` (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tok.decode(ids, false).unwrap_or_default()
-    }
-}
-
-/// Incremental decoder of one sequence's generated ids. Decodes only a short window per push
-/// (the ids since the last emitted boundary), so a token costs O(window), not O(sequence).
-#[derive(Debug, Default)]
-pub struct Detok {
-    ids: Vec<u32>,
-    /// Start of the window re-decoded for context (merges across token boundaries).
-    prefix: usize,
-    /// End of what has been emitted.
-    read: usize,
-}
-
-impl Detok {
-    /// Adds the last ids of the sequence and returns all text not yet emitted, incomplete
-    /// characters included (rendered as U+FFFD, as a whole-sequence decode would).
-    pub fn finish(&mut self, codec: &TextCodec, new: &[u32]) -> String {
-        self.ids.extend_from_slice(new);
-        let prev = codec.decode(&self.ids[self.prefix..self.read]);
-        let text = codec.decode(&self.ids[self.prefix..]);
-        self.prefix = self.ids.len();
-        self.read = self.ids.len();
-        text.get(prev.len()..).unwrap_or_default().to_string()
-    }
-
-    /// Adds `new` ids and returns the new complete text (possibly empty).
-    pub fn push(&mut self, codec: &TextCodec, new: &[u32]) -> String {
-        self.ids.extend_from_slice(new);
-        let prev = codec.decode(&self.ids[self.prefix..self.read]);
-        let text = codec.decode(&self.ids[self.prefix..]);
-        if text.len() <= prev.len() || text.ends_with('\u{FFFD}') {
-            return String::new();
-        }
-        let Some(delta) = text.get(prev.len()..).map(str::to_string) else {
-            return String::new();
-        };
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        delta
     }
 }

@@ -6,7 +6,7 @@
 //! sampled tokens. Any rank failure ends the epoch: every request in flight or queued ends
 //! UNAVAILABLE (no hang), and a new epoch is formed from the live workers.
 
-use super::detok::{Detok, TextCodec};
+use super::detok::TextCodec;
 use super::link::{LinkError, WorkerLink, connect};
 use super::sched::{GroupSched, Limits, Seq};
 use super::{
@@ -14,6 +14,7 @@ use super::{
     StatusSnapshot, StepStats, Submission,
 };
 use crate::planner::{Member, PlanInputs, form_plan};
+use crate::text::{IncrementalDecoder, SpecialTokenMode};
 use fathom_common::ModelConfig;
 use fathom_proto::v1::{
     FinishReason, GenerateChunk, GenerateFinal, GroupStep, Plan, StepFlags, StepRequest,
@@ -55,7 +56,8 @@ struct Tag {
     tx: mpsc::Sender<Event>,
     request_id: String,
     deadline: Option<Instant>,
-    detok: Detok,
+    /// Text deltas (`None` without a tokenizer).
+    detok: Option<IncrementalDecoder>,
     return_prompt_ids: bool,
     stop_ids: Vec<u32>,
 }
@@ -358,7 +360,7 @@ impl Engine {
                 tx: sub.tx,
                 request_id: sub.request_id,
                 deadline: sub.deadline,
-                detok: Detok::default(),
+                detok: self.codec.as_ref().map(|c| c.decoder(SpecialTokenMode::Keep)),
                 return_prompt_ids: sub.return_prompt_ids,
                 stop_ids,
             },
@@ -394,7 +396,6 @@ impl Engine {
     /// Applies one group rank 0's results: append tokens, stream them, finish sequences.
     fn apply(&mut self, result: StepResult) {
         let gi = (result.rank / self.cfg.tp as u32) as usize;
-        let codec = self.codec.clone();
         let g = &mut self.groups[gi];
         for r in result.seqs {
             let Some(i) = g.position(r.seq_id) else { continue };
@@ -402,9 +403,15 @@ impl Engine {
             s.generated.push(r.token_id);
             let stop = s.tag.stop_ids.contains(&r.token_id);
             let done = stop || s.generated.len() >= s.max_tokens;
-            let text_delta = match &codec {
-                Some(c) if done => s.tag.detok.finish(c, &[r.token_id]),
-                Some(c) => s.tag.detok.push(c, &[r.token_id]),
+            // An id the tokenizer does not define (the model's vocabulary is larger) adds no text.
+            let text_delta = match s.tag.detok.as_mut() {
+                Some(d) => {
+                    let mut t = d.step(r.token_id).unwrap_or_default();
+                    if done {
+                        t.push_str(&d.finish().unwrap_or_default());
+                    }
+                    t
+                }
                 None => String::new(),
             };
             let chunk = GenerateChunk {
