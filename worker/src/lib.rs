@@ -1,8 +1,10 @@
 //! `fathom-worker`: everything one rank runs.
 //!
 //! Owns: `weights/` (checkpoint reading and synthesis in the exact HF format), `model/`
-//! (DeepSeek-V3.2 layers composed from `fathom-kernels` ops), `kv/` (paged latent and indexer
-//! caches), and later the step executor and the Worker gRPC service.
+//! (DeepSeek-V3.2 layers composed from `fathom-kernels` ops), `parallel/` (one rank of a sharded
+//! TP×EP world over `Collective`), `kv/` (paged latent and indexer caches), `sampling`,
+//! `model_cuda/` (the model on one GPU), `executor` and `service` (the Worker gRPC service that
+//! prepares epochs and runs steps).
 //!
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
