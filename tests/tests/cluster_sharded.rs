@@ -18,12 +18,9 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 const PROMPTS: [&str; 3] = ["5,17,42,7", "3,1,4,1,5,9,2,6", "11"];
 
 fn greedy_equals_local(w: usize, t: usize) {
-    let c = Cluster::start(Opts {
-        workers: w,
-        extra: vec!["--tp".into(), t.to_string()],
-        etcd: None,
-    })
-    .unwrap_or_else(|e| panic!("cluster W={w} T={t}: {e:#}"));
+    let c =
+        Cluster::start(Opts { workers: w, extra: vec!["--tp".into(), t.to_string()], etcd: None })
+            .unwrap_or_else(|e| panic!("cluster W={w} T={t}: {e:#}"));
     let model = c.model.display().to_string();
     let url = c.url();
     let case = |p: &'static str| -> Vec<&'static str> {

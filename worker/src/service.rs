@@ -114,13 +114,15 @@ fn run_step(
     ex.execute(step).map_err(|e| e.to_string())
 }
 
+type BoxedComm = Box<dyn Collective>;
+
 /// Joins the epoch's TCP world communicator (rank 0 binds `rendezvous`, the others connect to
 /// it) and splits this rank's attention-group communicator from it.
 fn join_collectives(
     plan: &fathom_proto::v1::Plan,
     rank: u32,
     rendezvous: Option<&str>,
-) -> Result<(Box<dyn Collective>, Box<dyn Collective>), ExecError> {
+) -> Result<(BoxedComm, BoxedComm), ExecError> {
     if !plan.comm.is_empty() && plan.comm != "tcp" {
         return Err(ExecError::Unsupported(format!("collective backend {:?}", plan.comm)));
     }

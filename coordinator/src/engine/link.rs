@@ -30,10 +30,8 @@ pub fn rendezvous_address(rank0_address: &str) -> Result<String, String> {
     let port: u16 =
         port.parse().map_err(|_| format!("rank 0 address {rank0_address:?} has no valid port"))?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(l) = std::net::TcpListener::bind((bare, 0)) {
-        if let Ok(a) = l.local_addr() {
-            return Ok(format!("{host}:{}", a.port()));
-        }
+    if let Ok(a) = std::net::TcpListener::bind((bare, 0)).and_then(|l| l.local_addr()) {
+        return Ok(format!("{host}:{}", a.port()));
     }
     let next = port
         .checked_add(1)
