@@ -41,6 +41,21 @@ fn greedy_equals_local(w: usize, t: usize) {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // Every worker prepared its rank of this W/T epoch and executed the steps.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (i, addr) in c.worker_addrs.iter().enumerate() {
+        let h = rt.block_on(async {
+            let mut w =
+                fathom_proto::v1::worker_client::WorkerClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+            w.health(fathom_proto::v1::WorkerHealthRequest {}).await.unwrap().into_inner()
+        });
+        assert_eq!(h.state, fathom_proto::v1::WorkerState::Ready as i32, "worker {i}: {h:?}");
+        assert_eq!(h.rank, Some(i as u32), "worker {i} (ids sort like ranks)");
+        assert!(h.last_step_id > 0, "worker {i} executed the steps: {h:?}");
+    }
+    assert_eq!(c.worker_addrs.len(), w);
     for (p, got) in PROMPTS.iter().zip(remote) {
         let mut a = vec!["generate", "--json", "--model", &model];
         a.extend(case(p));
