@@ -13,8 +13,9 @@
 //! - a step that fails leaves no partial result: the error names what was wrong (no prompt
 //!   data) and the coordinator decides what happens to the affected requests.
 //!
-//! A sharded executor (TP attention + EP MoE) drops in as another [`ExecutorFactory`]: it gets the
-//! world and group [`Collective`]s through [`EpochContext`].
+//! Implementations: [`single`] (W = 1, the whole model) and [`sharded`] (W > 1, TP attention + EP
+//! MoE over the world and group [`Collective`]s of [`EpochContext`]); [`DefaultFactory`] picks by
+//! world size. Both sample and encode results through the shared [`seq_results`].
 
 use crate::model::{ForwardOptions, ForwardOutput, LogitsMode, SeqInput};
 use crate::sampling::{self, SamplingParams};
