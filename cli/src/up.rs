@@ -135,10 +135,6 @@ fn model_dir(args: &UpArgs, cache: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// `fathom up`. `cache` is the resolved cache directory.
 pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
     if args.workers == 0 || args.tp == 0 || args.workers % args.tp != 0 {
@@ -165,9 +161,19 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
     let mut children = Children::default();
     let mut statics = Vec::new();
     let mut worker_addrs = Vec::new();
-    for i in 0..args.workers {
+    // Distinct ports: every probe listener stays bound until all are picked.
+    let probes = (0..args.workers)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("picking worker ports")?;
+    let ports = probes
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    drop(probes);
+    for (i, port) in ports.into_iter().enumerate() {
         let id = format!("w{i}");
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("127.0.0.1:{port}");
         let child = Command::new(&exe)
             .arg("worker")
             .arg("--config")

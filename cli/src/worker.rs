@@ -12,7 +12,7 @@ use fathom_coordinator::membership::{
     EtcdMembership, EtcdOptions, LeaseState, Membership, Registration, WorkerId, WorkerInfo,
 };
 use fathom_proto::v1::worker_server::WorkerServer;
-use fathom_worker::executor::single::SingleRankFactory;
+use fathom_worker::executor::DefaultFactory;
 use fathom_worker::service::WorkerService;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,7 +107,7 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
         .with_context(|| format!("binding {}", cfg.worker.listen))?;
     let addr = listener.local_addr()?;
     let service =
-        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(SingleRankFactory));
+        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(DefaultFactory));
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
     let registration = register(&cfg, &id, addr).await?;

@@ -13,11 +13,18 @@
 //! - a step that fails leaves no partial result: the error names what was wrong (no prompt
 //!   data) and the coordinator decides what happens to the affected requests.
 //!
-//! A sharded executor (TP attention + EP MoE) drops in as another [`ExecutorFactory`]: it gets the
-//! world and group [`Collective`]s through [`EpochContext`].
+//! Implementations: [`single`] (W = 1, the whole model) and [`sharded`] (W > 1, TP attention + EP
+//! MoE over the world and group [`Collective`]s of [`EpochContext`]); [`DefaultFactory`] picks by
+//! world size. Both sample and encode results through the shared [`seq_results`].
 
+use crate::model::{ForwardOptions, ForwardOutput, LogitsMode, SeqInput};
+use crate::sampling::{self, SamplingParams};
+use fathom_common::ModelConfig;
 use fathom_kernels::comm::Collective;
-use fathom_proto::v1::{Plan, SeqResult, StepRequest};
+use fathom_proto::v1::{
+    GeneratedLogprob, Plan, RoutedExperts, SamplingMask, SeqResult, SeqStep, StepRequest,
+    TokenLogit, TokenLogprob, TopLogits,
+};
 
 /// Why an epoch could not be prepared or a step could not run. Messages never carry prompt data.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +50,8 @@ pub struct EpochContext {
     pub rank: u32,
     /// A communicator over the whole world (`None` when W = 1).
     pub world: Option<Box<dyn Collective>>,
-    /// A communicator over this rank's attention group (`None` when T = 1).
+    /// A communicator over this rank's attention group (`None` when W = 1; a one-rank
+    /// communicator when T = 1 < W).
     pub group: Option<Box<dyn Collective>>,
 }
 
@@ -75,17 +83,157 @@ pub trait ExecutorFactory: Send + Sync + std::fmt::Debug {
     fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError>;
 }
 
+/// The model inputs of one group's sequences (every rank of the group passes the same).
+pub(crate) fn seq_inputs(seqs: &[SeqStep]) -> Vec<SeqInput<'_>> {
+    seqs.iter()
+        .map(|s| SeqInput {
+            tokens: &s.token_ids,
+            start_pos: s.start_position as usize,
+            block_table: &s.block_table,
+        })
+        .collect()
+}
+
+/// What a forward of `seqs` must compute: last-row logits when any sequence samples, routing
+/// when any asks for it.
+pub(crate) fn forward_options(seqs: &[SeqStep]) -> ForwardOptions {
+    let any_sample = seqs.iter().any(|s| s.sample);
+    let routing = seqs.iter().any(|s| s.outputs.is_some_and(|o| o.routed_experts));
+    ForwardOptions {
+        logits: if any_sample { LogitsMode::LastPerSeq } else { LogitsMode::None },
+        record_hidden: false,
+        record_routing: routing,
+    }
+}
+
+fn params(s: &SeqStep) -> SamplingParams {
+    let p = s.sampling.clone().unwrap_or_default();
+    let o = s.outputs.unwrap_or_default();
+    SamplingParams {
+        temperature: p.temperature,
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        top_k: p.top_k,
+        seed: s.seed,
+        return_mask: o.sampling_mask,
+        top_logprobs: if o.logprobs { o.top_logprobs } else { 0 },
+    }
+}
+
+/// Samples every `sample = true` sequence of `seqs` from `out` (a forward with
+/// [`forward_options`]`(seqs)`: one full-vocabulary logits row per sequence) and builds its
+/// [`SeqResult`] with the extras it asked for. Shared by every executor, so a sharded group's
+/// rank 0 samples exactly as the single-rank executor does.
+pub(crate) fn seq_results(
+    step_id: u64,
+    seqs: &[SeqStep],
+    out: &ForwardOutput,
+    cfg: &ModelConfig,
+) -> Result<Vec<SeqResult>, ExecError> {
+    let fail = |reason: String| ExecError::Step { step_id, reason };
+    let vocab = cfg.vocab_size;
+    let moe_layers = cfg.num_moe_layers() as u32;
+    let top_k = cfg.num_experts_per_tok as u32;
+    let bytes_per_id = if cfg.n_routed_experts <= 256 { 1 } else { 2 };
+    if seqs.iter().any(|s| s.sample) && out.logits.len() != seqs.len() * vocab {
+        return Err(fail(format!(
+            "forward returned {} logits, expected {} sequences x vocab {vocab}",
+            out.logits.len(),
+            seqs.len()
+        )));
+    }
+    let mut results = Vec::new();
+    let mut row0 = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        let rows = row0..row0 + s.token_ids.len();
+        row0 = rows.end;
+        if !s.sample {
+            continue;
+        }
+        let logits = &out.logits[i * vocab..(i + 1) * vocab];
+        let p = params(s);
+        let picked = sampling::sample(logits, &p, s.generated as u64)
+            .map_err(|e| fail(format!("sequence {}: {e}", s.seq_id)))?;
+        let o = s.outputs.unwrap_or_default();
+        let mut r = SeqResult { seq_id: s.seq_id, token_id: picked.token, ..Default::default() };
+        if o.logprobs {
+            r.logprob = Some(GeneratedLogprob {
+                logprob: picked.logprob,
+                top: picked
+                    .top_logprobs
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
+                    .collect(),
+            });
+        }
+        if o.sampling_mask {
+            let ids = picked.mask.unwrap_or_default();
+            let all = ids.len() == vocab;
+            r.sampling_mask =
+                Some(SamplingMask { all, token_ids: if all { Vec::new() } else { ids } });
+        }
+        if o.logits_top_k > 0 {
+            let mut idx: Vec<u32> = (0..vocab as u32).collect();
+            let k = (o.logits_top_k as usize).min(vocab);
+            idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+            r.top_logits = Some(TopLogits {
+                entries: idx[..k]
+                    .iter()
+                    .map(|&t| TokenLogit { token_id: t, logit: logits[t as usize] })
+                    .collect(),
+            });
+        }
+        if o.routed_experts && !out.routed_experts.is_empty() {
+            let mut ids = Vec::new();
+            for row in rows.clone() {
+                for layer in &out.routed_experts[row] {
+                    for &e in layer {
+                        if bytes_per_id == 1 {
+                            ids.push(e as u8);
+                        } else {
+                            ids.extend_from_slice(&(e as u16).to_le_bytes());
+                        }
+                    }
+                }
+            }
+            r.routed_experts = Some(RoutedExperts {
+                start_position: s.start_position,
+                positions: s.token_ids.len() as u32,
+                moe_layers,
+                top_k,
+                bytes_per_id,
+                ids,
+            });
+        }
+        results.push(r);
+    }
+    Ok(results)
+}
+
+/// Picks the executor by world size: [`single::SingleRankFactory`] for W = 1,
+/// [`sharded::ShardedFactory`] for W > 1. What the `fathom worker` binary serves.
+#[derive(Debug, Default)]
+pub struct DefaultFactory;
+
+impl ExecutorFactory for DefaultFactory {
+    fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError> {
+        if ctx.plan.world_size > 1 {
+            sharded::ShardedFactory.prepare(ctx)
+        } else {
+            single::SingleRankFactory.prepare(ctx)
+        }
+    }
+}
+
+pub mod sharded;
+
 /// The single-rank executor over the reference model (W = 1): the whole model on this rank.
 pub mod single {
     use super::{EpochContext, ExecError, Executor, ExecutorFactory};
     use crate::kv::PagedKvCache;
-    use crate::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
-    use crate::sampling::{self, SamplingParams};
+    use crate::model::{Model, ShardSpec};
     use crate::weights::CheckpointReader;
-    use fathom_proto::v1::{
-        GeneratedLogprob, RoutedExperts, SamplingMask, SeqResult, SeqStep, StepRequest, TokenLogit,
-        TokenLogprob, TopLogits,
-    };
+    use fathom_proto::v1::{SeqResult, StepRequest};
     use std::path::Path;
 
     /// Loads the whole checkpoint named by the plan (`plan.model_path`).
@@ -131,19 +279,6 @@ pub mod single {
         weight_bytes: u64,
     }
 
-    fn params(s: &SeqStep) -> SamplingParams {
-        let p = s.sampling.clone().unwrap_or_default();
-        let o = s.outputs.unwrap_or_default();
-        SamplingParams {
-            temperature: p.temperature,
-            top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
-            top_k: p.top_k,
-            seed: s.seed,
-            return_mask: o.sampling_mask,
-            top_logprobs: if o.logprobs { o.top_logprobs } else { 0 },
-        }
-    }
-
     impl Executor for SingleRankExecutor {
         fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
             let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
@@ -151,101 +286,13 @@ pub mod single {
             if group.seqs.is_empty() {
                 return Ok(Vec::new());
             }
-            let inputs: Vec<SeqInput> = group
-                .seqs
-                .iter()
-                .map(|s| SeqInput {
-                    tokens: &s.token_ids,
-                    start_pos: s.start_position as usize,
-                    block_table: &s.block_table,
-                })
-                .collect();
-            let any_sample = group.seqs.iter().any(|s| s.sample);
-            let routing = group.seqs.iter().any(|s| s.outputs.is_some_and(|o| o.routed_experts));
-            let opts = ForwardOptions {
-                logits: if any_sample { LogitsMode::LastPerSeq } else { LogitsMode::None },
-                record_hidden: false,
-                record_routing: routing,
-            };
+            let inputs = super::seq_inputs(&group.seqs);
+            let opts = super::forward_options(&group.seqs);
             let out = self
                 .model
                 .forward(&inputs, &mut self.cache, &opts)
                 .map_err(|e| fail(e.to_string()))?;
-            let vocab = self.model.config().vocab_size;
-            let cfg = self.model.config();
-            let moe_layers = cfg.num_moe_layers() as u32;
-            let top_k = cfg.num_experts_per_tok as u32;
-            let bytes_per_id = if cfg.n_routed_experts <= 256 { 1 } else { 2 };
-            let mut results = Vec::new();
-            let mut row0 = 0;
-            for (i, s) in group.seqs.iter().enumerate() {
-                let rows = row0..row0 + s.token_ids.len();
-                row0 = rows.end;
-                if !s.sample {
-                    continue;
-                }
-                let logits = &out.logits[i * vocab..(i + 1) * vocab];
-                let p = params(s);
-                let picked = sampling::sample(logits, &p, s.generated as u64)
-                    .map_err(|e| fail(format!("sequence {}: {e}", s.seq_id)))?;
-                let o = s.outputs.unwrap_or_default();
-                let mut r =
-                    SeqResult { seq_id: s.seq_id, token_id: picked.token, ..Default::default() };
-                if o.logprobs {
-                    r.logprob = Some(GeneratedLogprob {
-                        logprob: picked.logprob,
-                        top: picked
-                            .top_logprobs
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
-                            .collect(),
-                    });
-                }
-                if o.sampling_mask {
-                    let ids = picked.mask.unwrap_or_default();
-                    let all = ids.len() == vocab;
-                    r.sampling_mask =
-                        Some(SamplingMask { all, token_ids: if all { Vec::new() } else { ids } });
-                }
-                if o.logits_top_k > 0 {
-                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
-                    let k = (o.logits_top_k as usize).min(vocab);
-                    idx.sort_by(|&a, &b| {
-                        logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
-                    });
-                    r.top_logits = Some(TopLogits {
-                        entries: idx[..k]
-                            .iter()
-                            .map(|&t| TokenLogit { token_id: t, logit: logits[t as usize] })
-                            .collect(),
-                    });
-                }
-                if o.routed_experts && !out.routed_experts.is_empty() {
-                    let mut ids = Vec::new();
-                    for row in rows.clone() {
-                        for layer in &out.routed_experts[row] {
-                            for &e in layer {
-                                if bytes_per_id == 1 {
-                                    ids.push(e as u8);
-                                } else {
-                                    ids.extend_from_slice(&(e as u16).to_le_bytes());
-                                }
-                            }
-                        }
-                    }
-                    r.routed_experts = Some(RoutedExperts {
-                        start_position: s.start_position,
-                        positions: s.token_ids.len() as u32,
-                        moe_layers,
-                        top_k,
-                        bytes_per_id,
-                        ids,
-                    });
-                }
-                results.push(r);
-            }
-            Ok(results)
+            super::seq_results(step.step_id, &group.seqs, &out, self.model.config())
         }
 
         fn weight_bytes(&self) -> u64 {

@@ -12,11 +12,13 @@
 //! Does not own: registration in the membership store and process exit (the binary's `worker`
 //! command), the model math (`executor`).
 
-use crate::executor::{EpochContext, Executor, ExecutorFactory};
+use crate::executor::{EpochContext, ExecError, Executor, ExecutorFactory};
+use fathom_kernels::comm::{Collective, CommOptions, TcpComm};
 use fathom_proto::v1::worker_server::Worker;
 use fathom_proto::v1::{
     PrepareEpochRequest, PrepareEpochResponse, ShutdownRequest, ShutdownResponse, StepEvent,
-    StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, WorkerState, step_event,
+    StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, WorkerState, rendezvous,
+    step_event,
 };
 use futures::StreamExt;
 use std::pin::Pin;
@@ -112,6 +114,38 @@ fn run_step(
     ex.execute(step).map_err(|e| e.to_string())
 }
 
+type BoxedComm = Box<dyn Collective>;
+
+/// Joins the epoch's TCP world communicator (rank 0 binds `rendezvous`, the others connect to
+/// it) and splits this rank's attention-group communicator from it.
+fn join_collectives(
+    plan: &fathom_proto::v1::Plan,
+    rank: u32,
+    rendezvous: Option<&str>,
+) -> Result<(BoxedComm, BoxedComm), ExecError> {
+    if !plan.comm.is_empty() && plan.comm != "tcp" {
+        return Err(ExecError::Unsupported(format!("collective backend {:?}", plan.comm)));
+    }
+    let addr = rendezvous.ok_or_else(|| {
+        ExecError::Comm(format!(
+            "world size {} needs a TCP rendezvous address in PrepareEpoch",
+            plan.world_size
+        ))
+    })?;
+    let (w, t) = (plan.world_size as usize, plan.tp.max(1) as usize);
+    if w % t != 0 {
+        return Err(ExecError::Plan(format!("tp {t} does not divide world size {w}")));
+    }
+    let mut world = TcpComm::connect(addr, rank as usize, w, CommOptions::default())
+        .map_err(|e| ExecError::Comm(format!("joining {addr} as rank {rank} of {w}: {e}")))?;
+    let groups: Vec<Vec<usize>> = (0..w / t).map(|g| (g * t..(g + 1) * t).collect()).collect();
+    let group = world
+        .split(&groups)
+        .map_err(|e| ExecError::Comm(format!("splitting the attention groups: {e}")))?
+        .ok_or_else(|| ExecError::Comm(format!("rank {rank} is in no attention group")))?;
+    Ok((Box::new(world), group))
+}
+
 type StepStream = Pin<Box<dyn futures::Stream<Item = Result<StepEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -164,31 +198,34 @@ impl Worker for WorkerService {
             g.last_step_id = 0;
             g.detail = format!("preparing epoch {}", plan.epoch);
         }
-        if plan.world_size > 1 {
-            // Joining the world/group collectives is part of the sharded executor's work.
-            let msg = format!(
-                "world size {} needs the sharded executor (collectives), not available yet",
-                plan.world_size
-            );
-            let mut g = self.lock();
-            g.state = WorkerState::Failed;
-            g.detail = msg.clone();
-            return Err(Status::unimplemented(msg));
-        }
         let epoch = plan.epoch;
         let factory = self.factory.clone();
         let started = Instant::now();
-        let ctx = EpochContext { plan, rank, world: None, group: None };
-        let built = tokio::task::spawn_blocking(move || factory.prepare(ctx))
-            .await
-            .map_err(|e| Status::internal(format!("prepare task: {e}")))?;
+        let rendezvous = match req.rendezvous.and_then(|r| r.kind) {
+            Some(rendezvous::Kind::TcpAddress(a)) => Some(a),
+            _ => None,
+        };
+        let built = tokio::task::spawn_blocking(move || {
+            let comm_started = Instant::now();
+            let (world, group) = if plan.world_size > 1 {
+                let (w, g) = join_collectives(&plan, rank, rendezvous.as_deref())?;
+                (Some(w), Some(g))
+            } else {
+                (None, None)
+            };
+            let comm_ms = comm_started.elapsed().as_millis() as u64;
+            let ctx = EpochContext { plan, rank, world, group };
+            factory.prepare(ctx).map(|ex| (ex, comm_ms))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("prepare task: {e}")))?;
         let load_ms = started.elapsed().as_millis() as u64;
         let mut g = self.lock();
         if g.epoch != epoch {
             return Err(Status::aborted(format!("epoch {} superseded by {}", epoch, g.epoch)));
         }
         match built {
-            Ok(ex) => {
+            Ok((ex, comm_init_ms)) => {
                 let weight_bytes = ex.weight_bytes();
                 g.executor = Some(Arc::new(Mutex::new(ex)));
                 g.state = WorkerState::Ready;
@@ -199,7 +236,7 @@ impl Worker for WorkerService {
                     rank,
                     ready: true,
                     load_ms,
-                    comm_init_ms: 0,
+                    comm_init_ms,
                     weight_bytes,
                 }))
             }

@@ -7,8 +7,8 @@
 
 use fathom_proto::v1::worker_client::WorkerClient;
 use fathom_proto::v1::{
-    Plan, PrepareEpochRequest, PrepareEpochResponse, StepEvent, StepRequest, StepResult,
-    WorkerHealthRequest, WorkerHealthResponse, step_event,
+    Plan, PrepareEpochRequest, PrepareEpochResponse, Rendezvous, StepEvent, StepRequest,
+    StepResult, WorkerHealthRequest, WorkerHealthResponse, rendezvous, step_event,
 };
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -18,6 +18,26 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Largest message accepted from a worker (step results with extras can be large).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The TCP rendezvous address of an epoch whose rank 0 serves gRPC at `rank0_address`
+/// (`host:port`): the same host, and a port free on it when that host is an address of this
+/// machine (the coordinator binds port 0 there and releases it); otherwise the rank's gRPC port
+/// + 1 (a worker reserves its gRPC port + 1 for collectives).
+pub fn rendezvous_address(rank0_address: &str) -> Result<String, String> {
+    let (host, port) = rank0_address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("rank 0 address {rank0_address:?} is not host:port"))?;
+    let port: u16 =
+        port.parse().map_err(|_| format!("rank 0 address {rank0_address:?} has no valid port"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(a) = std::net::TcpListener::bind((bare, 0)).and_then(|l| l.local_addr()) {
+        return Ok(format!("{host}:{}", a.port()));
+    }
+    let next = port
+        .checked_add(1)
+        .ok_or_else(|| format!("rank 0 address {rank0_address:?}: no port above {port}"))?;
+    Ok(format!("{host}:{next}"))
+}
 
 /// A failure talking to one worker.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -84,13 +104,17 @@ impl WorkerLink {
         }
     }
 
-    /// PrepareEpoch for this rank, bounded by `timeout`.
+    /// PrepareEpoch for this rank, bounded by `timeout`. `rendezvous` is the TCP address rank 0
+    /// binds and the others connect to (W > 1).
     pub async fn prepare(
         &mut self,
         plan: Plan,
+        rendezvous: Option<String>,
         timeout: Duration,
     ) -> Result<PrepareEpochResponse, LinkError> {
-        let req = PrepareEpochRequest { plan: Some(plan), rank: self.rank, rendezvous: None };
+        let rendezvous =
+            rendezvous.map(|a| Rendezvous { kind: Some(rendezvous::Kind::TcpAddress(a)) });
+        let req = PrepareEpochRequest { plan: Some(plan), rank: self.rank, rendezvous };
         match tokio::time::timeout(timeout, self.client.prepare_epoch(req)).await {
             Err(_) => Err(self.err(format!("PrepareEpoch timed out after {timeout:?}"))),
             Ok(Err(s)) => Err(self.err(format!("PrepareEpoch: {}", s.message()))),

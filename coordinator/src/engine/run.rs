@@ -228,8 +228,15 @@ impl Engine {
         self.directory.publish_plan(&plan).await?;
         self.set_state(ServingState::Preparing);
         tracing::info!(epoch = plan.epoch, world = plan.world_size, "preparing epoch");
+        let rendezvous = if plan.world_size > 1 {
+            let rank0 = plan.ranks.first().ok_or("the plan has no ranks")?;
+            Some(super::link::rendezvous_address(&rank0.address)?)
+        } else {
+            None
+        };
+        // All ranks prepare at once: rank 0 binds the rendezvous and waits for the others.
         let prepared = futures::future::join_all(
-            links.iter_mut().map(|l| l.prepare(plan.clone(), PREPARE_TIMEOUT)),
+            links.iter_mut().map(|l| l.prepare(plan.clone(), rendezvous.clone(), PREPARE_TIMEOUT)),
         )
         .await;
         for p in prepared {
