@@ -86,3 +86,54 @@ fn sharded_w4_t1_greedy_equals_generate_model() {
 fn sharded_w4_t2_greedy_equals_generate_model() {
     greedy_equals_local(4, 2);
 }
+
+/// A killed rank of a sharded epoch (W=2, T=1) ends the requests in flight UNAVAILABLE (the
+/// surviving rank's collectives fail instead of hanging); once it is back, a new epoch
+/// rendezvouses again and serves the in-process model's answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_rank_ends_the_epoch_then_a_new_sharded_epoch_serves() {
+    use cluster_support::{ADMIN_TOKEN, Reference, eventually, generate, greedy_request};
+    use fathom_proto::v1::admin_client::AdminClient;
+    use fathom_proto::v1::{ClusterState, ClusterStatusRequest};
+    use std::time::{Duration, Instant};
+    async fn status(c: &Cluster) -> fathom_proto::v1::ClusterStatusResponse {
+        let mut admin = AdminClient::connect(c.url()).await.expect("admin connect");
+        let mut req = tonic::Request::new(ClusterStatusRequest {});
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+        admin.cluster_status(req).await.expect("cluster status").into_inner()
+    }
+    let mut c =
+        Cluster::start(Opts { workers: 2, extra: vec!["--tp".into(), "1".into()], etcd: None })
+            .expect("cluster");
+    assert_eq!(status(&c).await.world_size, 2);
+    let mut client = c.client().await.unwrap();
+    let mut stream =
+        client.generate(greedy_request(&[3, 1, 4, 1, 5], 1015)).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("first chunk");
+    c.workers[1].kill().unwrap();
+    c.workers[1].wait().unwrap();
+    let killed = Instant::now();
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(40), stream.message()).await {
+            Err(_) => panic!("no answer within 40 s of rank 1 dying"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("stream ended OK although rank 1 died"),
+            Ok(Err(s)) => break s,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(killed.elapsed() < Duration::from_secs(40));
+    c.restart_worker(1).unwrap();
+    let serving = eventually(Duration::from_secs(60), || async {
+        status(&c).await.state == ClusterState::Serving as i32
+    })
+    .await;
+    if let Err(e) = serving {
+        panic!("not serving again after rank 1 restarted: {e}; {:?}", status(&c).await);
+    }
+    assert!(status(&c).await.epoch >= 2);
+    let p = [7u32, 8, 9, 10];
+    let got = generate(&mut client, greedy_request(&p, 5)).await.unwrap();
+    assert_eq!(got, Reference::load(&c.model).unwrap().greedy(&p, 5).unwrap());
+}

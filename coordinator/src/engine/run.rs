@@ -76,6 +76,8 @@ struct Engine {
     state_tx: watch::Sender<ServingState>,
     groups: Vec<S>,
     epoch: u64,
+    /// Last epoch number of a failed W > 1 preparation (never reused: stale rendezvous).
+    burned_epoch: u64,
     step_id: u64,
     next_seq: u64,
 }
@@ -132,6 +134,7 @@ pub fn spawn_engine(
         stats,
         state_tx,
         epoch: 0,
+        burned_epoch: 0,
         step_id: 0,
         next_seq: 1,
     };
@@ -208,7 +211,7 @@ impl Engine {
         let members = self.directory.live_workers().await?;
         let stored = self.directory.current_epoch().await?;
         let inputs = PlanInputs {
-            epoch: self.epoch.max(stored) + 1,
+            epoch: self.epoch.max(stored).max(self.burned_epoch) + 1,
             world_size: self.cfg.world_size,
             tp: self.cfg.tp,
             model: &self.model,
@@ -235,12 +238,18 @@ impl Engine {
             None
         };
         // All ranks prepare at once: rank 0 binds the rendezvous and waits for the others.
-        let prepared = futures::future::join_all(
+        // The first failure ends the attempt at once (rank 0 may be blocked in the rendezvous
+        // waiting for a rank that failed); a W > 1 epoch number is never reused, so a stale
+        // preparation still running on a worker is superseded by the next attempt's epoch.
+        let prepared = futures::future::try_join_all(
             links.iter_mut().map(|l| l.prepare(plan.clone(), rendezvous.clone(), PREPARE_TIMEOUT)),
         )
         .await;
-        for p in prepared {
-            p.map_err(|e| e.to_string())?;
+        if let Err(e) = prepared {
+            if plan.world_size > 1 {
+                self.burned_epoch = plan.epoch;
+            }
+            return Err(e.to_string());
         }
         for l in &mut links {
             l.open_steps(CONNECT_TIMEOUT).await.map_err(|e| e.to_string())?;
