@@ -10,4 +10,4 @@ FATHOM_DEPS_ETCD=0 FATHOM_DEPS_HELM=0 FATHOM_DEPS_NVRTC=0 scripts/deps.sh
 cargo build -p fathom
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--prompt "The ocean is" --max-new-tokens 24 --ignore-eos)
-exec target/debug/fathom up --workers "${FATHOM_WORKERS:-1}" "${args[@]}"
+exec target/debug/fathom up --workers "${FATHOM_WORKERS:-2}" "${args[@]}"
