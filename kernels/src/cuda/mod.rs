@@ -35,7 +35,7 @@ pub use error::CudaError;
 pub use gemm::{ActScaleLayout, BlasGemm, Fp8Gemm, LtBf16Gemm, WeightScaleLayout};
 pub use libs::{CudaLib, PreloadedLibraries, preload_libraries, require_libraries};
 pub use nvrtc::{KernelCache, compile_cubin, nvrtc_version};
-pub use ops::Ops;
+pub use ops::{Ops, grid_stride};
 pub use ops_attn::MlaDecodeShape;
 pub use ops_model::{RopeLayout, RopeShape};
 pub use ops_moe::{MoeScratch, MoeShape, moe_experts_bf16};

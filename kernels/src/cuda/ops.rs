@@ -54,7 +54,8 @@ pub(crate) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32, Cuda
 }
 
 /// Grid-stride launch over `n` elements: 256 threads, at most 4 blocks per SM-ish cap.
-pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+/// Public so kernels compiled outside this crate (the worker's model glue) launch the same way.
+pub fn grid_stride(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }

@@ -13,7 +13,9 @@ use fathom_kernels::cuda::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 use fathom_kernels::cuda::cudarc::nvrtc::Ptx;
-use fathom_kernels::cuda::{CudaDevice, CudaError, KernelCache, KernelSource, compile_cubin};
+use fathom_kernels::cuda::{
+    CudaDevice, CudaError, KernelCache, KernelSource, compile_cubin, grid_stride,
+};
 use half::bf16;
 
 /// The glue source and its kernels.
@@ -52,11 +54,6 @@ fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<(), Cu
 
 fn i32_of(op: &'static str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| shape(op, format!("{v} exceeds i32")))
-}
-
-fn grid(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -183,7 +180,7 @@ impl Glue {
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(h).arg(a).arg(&n64);
         // SAFETY: matches `add_bf16_into_f32`; both hold n (checked).
-        unsafe { b.launch(grid(n)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -201,7 +198,7 @@ impl Glue {
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(a).arg(out).arg(&n64);
         // SAFETY: matches `bf16_to_f32_k`; both hold n (checked).
-        unsafe { b.launch(grid(n)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -225,7 +222,7 @@ impl Glue {
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(x).arg(w).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&c);
         // SAFETY: matches `gemm_f32_nt`; x, w, y checked against m × k, n × k, m × n.
-        unsafe { b.launch(grid(m * n)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(m * n)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -256,7 +253,7 @@ impl Glue {
         b.arg(src).arg(&ss).arg(dst).arg(&ds).arg(rows).arg(&ni).arg(&wi);
         // SAFETY: matches `scatter_rows_bf16`; src holds n rows, rows holds n entries, every
         // entry is a row of dst (built by the forward from validated positions and slots).
-        unsafe { b.launch(grid(n * width)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n * width)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -285,7 +282,7 @@ impl Glue {
             b.arg(x);
         }
         // SAFETY: matches `absorb_q`; every buffer checked against the shapes it indexes.
-        unsafe { b.launch(grid(n * nh_pad * (kl + rope))) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n * nh_pad * (kl + rope))) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -313,7 +310,7 @@ impl Glue {
             b.arg(x);
         }
         // SAFETY: matches `unabsorb_o`; every buffer checked against the shapes it indexes.
-        unsafe { b.launch(grid(n * nh * v)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n * nh * v)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -372,7 +369,7 @@ impl Glue {
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(idx).arg(base).arg(&ni).arg(&ki);
         // SAFETY: matches `add_base`; idx holds n × k, base n (checked).
-        unsafe { b.launch(grid(n * k)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n * k)) }.map_err(launched(OP))?;
         Ok(())
     }
 
@@ -421,7 +418,7 @@ impl Glue {
         b.arg(src).arg(dst).arg(rows).arg(&ni).arg(&wi);
         // SAFETY: matches `scatter_rows_f32`; src holds n rows; every rows entry is a row of dst
         // (built by the forward from validated positions and slots).
-        unsafe { b.launch(grid(n * width)) }.map_err(launched(OP))?;
+        unsafe { b.launch(grid_stride(n * width)) }.map_err(launched(OP))?;
         Ok(())
     }
 
