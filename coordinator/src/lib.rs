@@ -13,6 +13,5 @@ pub mod directory;
 pub mod engine;
 pub mod membership;
 pub mod planner;
-pub mod scheduler;
 pub mod server;
 pub mod text;
