@@ -82,6 +82,7 @@ pub fn run(a: &Args) -> Result<()> {
     let cargs = CoordinatorArgs {
         config: None,
         listen: Some("127.0.0.1:0".into()),
+        http: None,
         model: Some(a.model.clone()),
         world_size: Some(1),
         tp: Some(1),

@@ -2,7 +2,8 @@
 //! it in-process).
 //!
 //! Reads the cluster config, applies flags, starts the engine and the gRPC server, and prints
-//! `fathom: serving on ADDR` on stdout once the first epoch serves. Exits on Ctrl-C or SIGTERM.
+//! `fathom: serving on ADDR` on stdout once the first epoch serves (then, when the
+//! OpenAI-compatible HTTP API is on, `fathom: http on http://ADDR/v1`). Exits on Ctrl-C or SIGTERM.
 //!
 //! Workers come from `--static-worker ID=HOST:PORT` (repeatable), else from etcd membership
 //! (`membership.etcd_endpoints`), where plans are also published.
@@ -27,6 +28,10 @@ pub struct CoordinatorArgs {
     /// Listen address (overrides `coordinator.listen`).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Serve the OpenAI-compatible HTTP API on ADDR, e.g. 0.0.0.0:8000 (overrides
+    /// `coordinator.http_listen`; "" turns it off). Off unless given here or in the config.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
     /// Model directory (overrides `model.path`).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -70,6 +75,9 @@ impl CoordinatorArgs {
         let c = &mut cfg.coordinator;
         if let Some(v) = &self.listen {
             c.listen = v.clone();
+        }
+        if let Some(v) = &self.http {
+            c.http_listen = v.clone();
         }
         if let Some(v) = &self.admin_token {
             c.admin_token = Some(v.clone());
@@ -170,6 +178,9 @@ pub fn run(args: &CoordinatorArgs) -> Result<()> {
         loop {
             if !announced && *state.borrow_and_update() == ServingState::Serving {
                 println!("fathom: serving on {}", c.addr);
+                if let Some(h) = c.http_addr {
+                    println!("fathom: http on http://{h}/v1");
+                }
                 announced = true;
             }
             tokio::select! {

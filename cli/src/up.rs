@@ -9,6 +9,9 @@
 //! Without `--model` the `tiny` preset is synthesized once into the cache directory
 //! (`--cache-dir`, default `$XDG_CACHE_HOME/fathom` or `~/.cache/fathom`, resolved by `main`).
 //!
+//! The OpenAI-compatible HTTP API is always on here (`--http-port`, default any free port); its
+//! URL is printed after the gRPC address as `fathom: http on http://127.0.0.1:P/v1`.
+//!
 //! Children are owned by a guard that kills and reaps every one of them on every exit path
 //! (success, error, Ctrl-C): no process outlives `fathom up`.
 
@@ -38,6 +41,9 @@ pub struct UpArgs {
     /// Coordinator port (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Port of the OpenAI-compatible HTTP API (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub http_port: u16,
     /// etcd client URL for membership (default: workers given to the coordinator directly).
     #[arg(long)]
     pub etcd: Option<String>,
@@ -151,6 +157,7 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
         cfg.membership.etcd_endpoints = vec![e.clone()];
     }
     cfg.coordinator.listen = format!("127.0.0.1:{}", args.port);
+    cfg.coordinator.http_listen = format!("127.0.0.1:{}", args.http_port);
     cfg.coordinator.kv_blocks = args.kv_blocks;
     cfg.coordinator.kv_block_size = args.kv_block_size;
     cfg.validate()?;
@@ -194,6 +201,7 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
     let coord_args = CoordinatorArgs {
         config: Some(config_path.clone()),
         listen: None,
+        http: None,
         model: None,
         world_size: None,
         tp: None,
@@ -234,6 +242,9 @@ async fn serve(
         r = watch_children(children) => { let _ = tx.send(true); r?; }
     }
     println!("fathom: serving on {}", c.addr);
+    if let Some(h) = c.http_addr {
+        println!("fathom: http on http://{h}/v1");
+    }
     eprintln!("fathom: cluster ready in {:.1} s", started.elapsed().as_secs_f64());
     let outcome = if args.prompt.is_some() || args.prompt_ids.is_some() {
         let g = GenerateArgs {

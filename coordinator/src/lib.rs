@@ -1,6 +1,7 @@
 //! `fathom-coordinator`: the process users talk to.
 //!
-//! Owns: the Inference and Admin gRPC APIs (`api/`), the serving engine (`engine/`: step loop,
+//! Owns: the Inference and Admin gRPC APIs (`api/`), the OpenAI-compatible HTTP API (`http/`,
+//! off unless configured), the serving engine (`engine/`: step loop,
 //! continuous batching, KV block accounting, streaming), the planner (`planner/`: plans from live
 //! members), worker directories (`directory.rs`) and the server wiring (`server.rs`); membership
 //! (etcd, in-memory) is integrated from its own module.
@@ -11,6 +12,7 @@
 pub mod api;
 pub mod directory;
 pub mod engine;
+pub mod http;
 pub mod membership;
 pub mod planner;
 pub mod server;

@@ -4,6 +4,8 @@
 //! Health: the overall status ("") and `fathom.v1.Inference` are SERVING only while the engine
 //! serves an epoch (NOT_SERVING while waiting for workers, preparing, or reconfiguring).
 //! Message limits: requests above [`MAX_REQUEST_BYTES`] are refused by tonic.
+//! When `coordinator.http_listen` is set, the OpenAI-compatible HTTP API (`crate::http`) is served
+//! there too, over the same engine, with the same body limit; it stops with the gRPC server.
 
 use crate::api::admin::AdminApi;
 use crate::api::inference::InferenceApi;
@@ -13,6 +15,7 @@ use fathom_common::ModelConfig;
 use fathom_common::cluster::ClusterConfig;
 use fathom_proto::v1::admin_server::AdminServer;
 use fathom_proto::v1::inference_server::InferenceServer;
+use futures::FutureExt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +44,8 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Coordinator {
     pub addr: SocketAddr,
+    /// Where the OpenAI-compatible HTTP API listens (`None`: not enabled).
+    pub http_addr: Option<SocketAddr>,
     pub engine: EngineHandle,
     pub state: watch::Receiver<ServingState>,
     pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -77,6 +82,32 @@ pub async fn start(
         cluster: cfg.cluster.clone(),
     };
     let (engine, state) = spawn_engine(engine_cfg, model.clone(), codec.clone(), directory);
+    let shutdown = shutdown.shared();
+    let http_addr = if c.http_listen.is_empty() {
+        None
+    } else {
+        let limits =
+            crate::api::validate::RequestLimits { vocab_size: model.vocab_size, max_context };
+        let api = crate::http::HttpApi::new(
+            engine.clone(),
+            model_name(model_dir),
+            codec.clone(),
+            limits,
+            model.eos_ids(),
+            MAX_REQUEST_BYTES,
+        );
+        let http = TcpListener::bind(&c.http_listen)
+            .await
+            .map_err(|e| ServerError::Listen(format!("http {}: {e}", c.http_listen)))?;
+        let addr = http.local_addr().map_err(|e| ServerError::Listen(e.to_string()))?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(http, Arc::new(api), stop).await {
+                tracing::error!("http server on {addr}: {e}");
+            }
+        });
+        Some(addr)
+    };
     let inference =
         InferenceApi::new(engine.clone(), model, model_name(model_dir), codec, max_context);
     let admin = AdminApi::new(engine.clone(), c.admin_token.clone(), cfg.cluster.clone());
@@ -119,7 +150,7 @@ pub async fn start(
     let server = tokio::spawn(
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );
-    Ok(Coordinator { addr, engine, state, server })
+    Ok(Coordinator { addr, http_addr, engine, state, server })
 }
 
 fn model_name(dir: &Path) -> String {

@@ -58,7 +58,7 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-fn server_seed() -> u64 {
+pub(crate) fn server_seed() -> u64 {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     // SplitMix64 finalizer of the clock: distinct per request, no global state.
     let mut z = (t as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -54,6 +54,11 @@ impl TextCodec {
         crate::text::IncrementalDecoder::new(self.tok.clone(), mode)
     }
 
+    /// The loaded tokenizer (the chat format reads its special tokens from it).
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tok
+    }
+
     /// Decodes `ids` (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tok.decode(ids, false).unwrap_or_default()
