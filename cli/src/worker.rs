@@ -13,6 +13,7 @@ use fathom_coordinator::membership::{
 };
 use fathom_proto::v1::worker_server::WorkerServer;
 use fathom_worker::executor::DefaultFactory;
+use fathom_worker::metrics::WorkerMetrics;
 use fathom_worker::service::WorkerService;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub struct WorkerArgs {
     /// `cpu` or `cuda[:N]` (overrides `worker.device`).
     #[arg(long)]
     pub device: Option<String>,
+    /// Prometheus `/metrics` listen address (overrides `worker.metrics_listen`; empty: off).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Registers in etcd membership when the config names endpoints (lease kept alive until the
@@ -90,6 +94,9 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     if let Some(a) = &args.advertise {
         cfg.worker.advertise = Some(a.clone());
     }
+    if let Some(m) = &args.metrics_listen {
+        cfg.worker.metrics_listen = m.clone();
+    }
     cfg.validate()?;
     if cfg.worker.device != "cpu" {
         bail!("device {:?}: this build runs workers on cpu only", cfg.worker.device);
@@ -106,8 +113,15 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.worker.listen))?;
     let addr = listener.local_addr()?;
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(WorkerMetrics::register(&registry)?);
+    if !cfg.worker.metrics_listen.is_empty() {
+        let a = crate::telemetry::start_metrics(&cfg.worker.metrics_listen, registry).await?;
+        eprintln!("fathom: worker {id} metrics on http://{a}/metrics");
+    }
     let service =
-        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(DefaultFactory));
+        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(DefaultFactory))
+            .with_metrics(metrics);
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
     let registration = register(&cfg, &id, addr).await?;

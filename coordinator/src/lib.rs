@@ -14,6 +14,8 @@ pub mod directory;
 pub mod engine;
 pub mod http;
 pub mod membership;
+pub mod metrics;
 pub mod planner;
 pub mod server;
+pub mod telemetry;
 pub mod text;
