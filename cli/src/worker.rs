@@ -98,17 +98,38 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         cfg.worker.metrics_listen = m.clone();
     }
     cfg.validate()?;
-    if cfg.worker.device != "cpu" {
-        bail!("device {:?}: this build runs workers on cpu only", cfg.worker.device);
-    }
+    let factory = executor_factory(&cfg.worker.device)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(serve(cfg, args.id.clone()));
+    let result = rt.block_on(serve(cfg, args.id.clone(), factory));
     // A step still running on a blocking thread must not hold the exit.
     rt.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
 
-async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
+/// `cpu`: the reference executors ([`DefaultFactory`]); `cuda[:N]`: the GPU executor on GPU N
+/// (opened now, so a machine without a driver fails at start in one line).
+fn executor_factory(device: &str) -> Result<Arc<dyn fathom_worker::executor::ExecutorFactory>> {
+    use fathom_worker::model_cuda::{DeviceChoice, executor::CudaFactory, open_gpu};
+    match device.parse::<DeviceChoice>().map_err(|e| anyhow::anyhow!(e))? {
+        DeviceChoice::Cpu => Ok(Arc::new(DefaultFactory)),
+        DeviceChoice::Cuda(n) => {
+            let lib_dirs: Vec<PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
+                .map(|v| std::env::split_paths(&v).collect())
+                .unwrap_or_default();
+            let cache =
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fathom/kernels"));
+            let dev = open_gpu(n, lib_dirs, cache.clone())?;
+            let kc = cache.map(fathom_kernels::cuda::KernelCache::new);
+            Ok(Arc::new(CudaFactory::new(dev, kc)))
+        }
+    }
+}
+
+async fn serve(
+    cfg: ClusterConfig,
+    id: String,
+    factory: Arc<dyn fathom_worker::executor::ExecutorFactory>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.worker.listen)
         .await
         .with_context(|| format!("binding {}", cfg.worker.listen))?;
@@ -120,8 +141,7 @@ async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
         eprintln!("fathom: worker {id} metrics on http://{a}/metrics");
     }
     let service =
-        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(DefaultFactory))
-            .with_metrics(metrics);
+        WorkerService::new(id.clone(), cfg.worker.device.clone(), factory).with_metrics(metrics);
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
     let registration = register(&cfg, &id, addr).await?;
