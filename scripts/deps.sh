@@ -4,7 +4,8 @@
 # helm_* tests): helm-python-sdk (Helm v4, offline render and lint), kubernetes-validate and
 # yamllint, pinned, in a venv outside the repository at
 # ${FATHOM_TOOLS_VENV:-$HOME/.cache/fathom/tools-venv}.
-# and NVRTC for the kernel compile test. Idempotent; prints what it does.
+# and NVRTC for the kernel compile test; python3 with venv (the openai_http test pip-installs the
+# official `openai` client into ~/.cache/fathom/openai-venv). Idempotent; prints what it does.
 # FATHOM_DEPS_ETCD=0 / FATHOM_DEPS_HELM=0 / FATHOM_DEPS_NVRTC=0 skip those parts.
 set -euo pipefail
 need=()
@@ -12,14 +13,15 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ "${FATHOM_DEPS_ETCD:-1}" = 1 ]; then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 fi
+# Python 3 with venv + ensurepip, always: the openai_http test creates its own venv.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 helm_tools=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 yamllint==1.38.0)
 venv="${FATHOM_TOOLS_VENV:-$HOME/.cache/fathom/tools-venv}"
 want_helm=0
 if [ "${FATHOM_DEPS_HELM:-1}" = 1 ] &&
   ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yamllint' >/dev/null 2>&1; then
   want_helm=1
-  command -v python3 >/dev/null 2>&1 || need+=(python3)
-  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2
