@@ -93,7 +93,14 @@ impl ExecutorFactory for ShardedFactory {
         let cache = model
             .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
             .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
-        Ok(Box::new(ShardedExecutor { model, cache, world, group, weight_bytes }))
+        Ok(Box::new(ShardedExecutor {
+            model,
+            cache,
+            world,
+            group,
+            weight_bytes,
+            carry: Default::default(),
+        }))
     }
 }
 
@@ -105,18 +112,19 @@ pub struct ShardedExecutor {
     world: Box<dyn Collective>,
     group: Box<dyn Collective>,
     weight_bytes: u64,
+    /// Routed experts of non-final prefill chunks (group rank 0 only).
+    carry: super::routing::RoutingCarry,
 }
 
 impl Executor for ShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
         let my_group = self.model.group() as u32;
-        let seqs = step
-            .groups
-            .iter()
-            .find(|g| g.group == my_group)
-            .map(|g| g.seqs.as_slice())
-            .unwrap_or(&[]);
+        let mine = step.groups.iter().find(|g| g.group == my_group);
+        let seqs = mine.map(|g| g.seqs.as_slice()).unwrap_or(&[]);
+        if let Some(g) = mine {
+            self.carry.release(&g.released_seq_ids);
+        }
         let inputs = super::seq_inputs(seqs);
         let opts = RankForwardOptions::from(super::forward_options(seqs));
         let out = self
@@ -126,7 +134,7 @@ impl Executor for ShardedExecutor {
         if self.model.group_rank() != 0 || seqs.is_empty() {
             return Ok(Vec::new());
         }
-        super::seq_results(step.step_id, seqs, &out, self.model.config())
+        super::seq_results(step.step_id, seqs, &out, self.model.config(), &mut self.carry)
     }
 
     fn weight_bytes(&self) -> u64 {
