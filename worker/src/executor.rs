@@ -155,6 +155,7 @@ pub(crate) fn seq_results(
     seqs: &[SeqStep],
     out: &ForwardOutput,
     cfg: &ModelConfig,
+    carry: &mut routing::RoutingCarry,
 ) -> Result<Vec<SeqResult>, ExecError> {
     let fail = |reason: String| ExecError::Step { step_id, reason };
     let vocab = cfg.vocab_size;
@@ -173,14 +174,21 @@ pub(crate) fn seq_results(
     for (i, s) in seqs.iter().enumerate() {
         let rows = row0..row0 + s.token_ids.len();
         row0 = rows.end;
+        let o = s.outputs.unwrap_or_default();
+        let routed = (o.routed_experts && !out.routed_experts.is_empty()).then(|| {
+            pack_routing(s, &out.routed_experts[rows.clone()], moe_layers, top_k, bytes_per_id)
+        });
         if !s.sample {
+            // A non-final prefill chunk: its rows go out with the sequence's next sample.
+            if let Some(r) = routed {
+                carry.stash(s.seq_id, r);
+            }
             continue;
         }
         let logits = &out.logits[i * vocab..(i + 1) * vocab];
         let p = params(s);
         let picked = sampling::sample(logits, &p, s.generated as u64)
             .map_err(|e| fail(format!("sequence {}: {e}", s.seq_id)))?;
-        let o = s.outputs.unwrap_or_default();
         let mut r = SeqResult { seq_id: s.seq_id, token_id: picked.token, ..Default::default() };
         if o.logprobs {
             r.logprob = Some(GeneratedLogprob {
@@ -210,31 +218,37 @@ pub(crate) fn seq_results(
                     .collect(),
             });
         }
-        if o.routed_experts && !out.routed_experts.is_empty() {
-            let mut ids = Vec::new();
-            for row in rows.clone() {
-                for layer in &out.routed_experts[row] {
-                    for &e in layer {
-                        if bytes_per_id == 1 {
-                            ids.push(e as u8);
-                        } else {
-                            ids.extend_from_slice(&(e as u16).to_le_bytes());
-                        }
-                    }
-                }
-            }
-            r.routed_experts = Some(RoutedExperts {
-                start_position: s.start_position,
-                positions: s.token_ids.len() as u32,
-                moe_layers,
-                top_k,
-                bytes_per_id,
-                ids,
-            });
-        }
+        r.routed_experts = routed.map(|rows| carry.take(s.seq_id, rows));
         results.push(r);
     }
     Ok(results)
+}
+
+/// Packs `rows` (`[positions][moe_layers][top_k]`, this step's rows of `s`) as
+/// [`RoutedExperts`] (u8 ids, or u16 little-endian above 256 experts).
+fn pack_routing(
+    s: &SeqStep,
+    rows: &[Vec<Vec<u32>>],
+    moe_layers: u32,
+    top_k: u32,
+    bytes_per_id: u32,
+) -> RoutedExperts {
+    let mut ids = Vec::with_capacity(rows.len() * (moe_layers * top_k * bytes_per_id) as usize);
+    for &e in rows.iter().flatten().flatten() {
+        if bytes_per_id == 1 {
+            ids.push(e as u8);
+        } else {
+            ids.extend_from_slice(&(e as u16).to_le_bytes());
+        }
+    }
+    RoutedExperts {
+        start_position: s.start_position,
+        positions: rows.len() as u32,
+        moe_layers,
+        top_k,
+        bytes_per_id,
+        ids,
+    }
 }
 
 /// Picks the executor by world size: [`single::SingleRankFactory`] for W = 1,
@@ -253,6 +267,7 @@ impl ExecutorFactory for DefaultFactory {
 }
 
 pub mod progress;
+pub mod routing;
 pub mod sharded;
 
 /// Values of the main model's tensors (MTP layers and FP8 scales excluded): the weight-loading
@@ -318,6 +333,7 @@ pub mod single {
                 cache,
                 weight_bytes,
                 report: StepReport::default(),
+                carry: Default::default(),
             }))
         }
     }
@@ -329,12 +345,14 @@ pub mod single {
         cache: PagedKvCache,
         weight_bytes: u64,
         report: StepReport,
+        carry: super::routing::RoutingCarry,
     }
 
     impl Executor for SingleRankExecutor {
         fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
             let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
             let Some(group) = step.groups.first() else { return Ok(Vec::new()) };
+            self.carry.release(&group.released_seq_ids);
             if group.seqs.is_empty() {
                 return Ok(Vec::new());
             }
@@ -348,7 +366,13 @@ pub mod single {
             self.report.experts = super::expert_tally(self.model.config(), &out);
             let t1 = Instant::now();
             let results = tracing::trace_span!("sample").in_scope(|| {
-                super::seq_results(step.step_id, &group.seqs, &out, self.model.config())
+                super::seq_results(
+                    step.step_id,
+                    &group.seqs,
+                    &out,
+                    self.model.config(),
+                    &mut self.carry,
+                )
             });
             self.report.sample = Some(t1.elapsed());
             results

@@ -105,6 +105,7 @@ impl ExecutorFactory for ShardedFactory {
             group,
             weight_bytes,
             report: StepReport::default(),
+            carry: Default::default(),
         }))
     }
 }
@@ -118,18 +119,19 @@ pub struct ShardedExecutor {
     group: Box<dyn Collective>,
     weight_bytes: u64,
     report: StepReport,
+    /// Routed experts of non-final prefill chunks (group rank 0 only).
+    carry: super::routing::RoutingCarry,
 }
 
 impl Executor for ShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
         let my_group = self.model.group() as u32;
-        let seqs = step
-            .groups
-            .iter()
-            .find(|g| g.group == my_group)
-            .map(|g| g.seqs.as_slice())
-            .unwrap_or(&[]);
+        let mine = step.groups.iter().find(|g| g.group == my_group);
+        let seqs = mine.map(|g| g.seqs.as_slice()).unwrap_or(&[]);
+        if let Some(g) = mine {
+            self.carry.release(&g.released_seq_ids);
+        }
         let inputs = super::seq_inputs(seqs);
         // Every rank of the group passes the same options (routing is gathered over the group).
         let opts = RankForwardOptions::from(super::forward_options_counting(seqs));
@@ -145,8 +147,9 @@ impl Executor for ShardedExecutor {
         // The gathered routing covers the whole group's tokens: rank 0 of the group counts it.
         self.report.experts = super::expert_tally(self.model.config(), &out);
         let t1 = Instant::now();
-        let results = tracing::trace_span!("sample")
-            .in_scope(|| super::seq_results(step.step_id, seqs, &out, self.model.config()));
+        let results = tracing::trace_span!("sample").in_scope(|| {
+            super::seq_results(step.step_id, seqs, &out, self.model.config(), &mut self.carry)
+        });
         self.report.sample = Some(t1.elapsed());
         results
     }
