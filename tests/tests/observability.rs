@@ -489,18 +489,18 @@ async fn prompt_text_never_reaches_logs_or_spans() {
     let procs = Procs::start(2, &setup).expect("cluster");
     let mut client = procs.client().await.unwrap();
     let mut stream =
-        client.generate(text_request("obs-canary-1", CANARY, 3)).await.unwrap().into_inner();
+        client.generate(text_request("obs-req-77", CANARY, 3)).await.unwrap().into_inner();
     let mut finals = 0;
     while let Some(msg) = stream.message().await.unwrap() {
         if let Some(fathom_proto::v1::generate_response::Kind::Final(f)) = msg.kind {
-            assert_eq!(f.request_id, "obs-canary-1");
+            assert_eq!(f.request_id, "obs-req-77");
             finals += 1;
         }
     }
     assert_eq!(finals, 1, "the request finished");
     let spans = collector
         .wait_for("the request span and worker steps", |spans| {
-            spans.iter().any(|s| s.text.contains("obs-canary-1"))
+            spans.iter().any(|s| s.text.contains("obs-req-77"))
                 && spans.iter().filter(|s| s.service == "fathom-worker" && s.name == "step").count()
                     >= 6
         })
@@ -525,7 +525,7 @@ async fn prompt_text_never_reaches_logs_or_spans() {
     }
     // The request id is what identifies the request in logs; the coordinator logs JSON.
     let (_, coordinator) = &logs[0];
-    assert!(coordinator.contains("obs-canary-1"), "the coordinator's logs name the request id");
+    assert!(coordinator.contains("obs-req-77"), "the coordinator's logs name the request id");
     let json_lines = coordinator.lines().filter(|l| !l.starts_with("fathom: ")).count();
     assert!(json_lines > 0);
     for line in coordinator.lines().filter(|l| !l.starts_with("fathom: ")) {
