@@ -89,6 +89,7 @@ fn steps(g: &Golden, outputs: SeqOutputs, groups: u32) -> Vec<StepRequest> {
                     })
                     .collect(),
                 flags: None,
+                ..Default::default()
             }
         })
         .collect()

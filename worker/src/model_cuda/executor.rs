@@ -74,6 +74,7 @@ impl ExecutorFactory for CudaFactory {
             slot_of: HashMap::new(),
             free: (0..slots).rev().collect(),
             weight_bytes,
+            carry: Default::default(),
         }))
     }
 }
@@ -86,12 +87,15 @@ pub struct CudaExecutor {
     slot_of: HashMap<u64, usize>,
     free: Vec<usize>,
     weight_bytes: u64,
+    /// Routed experts of non-final prefill chunks, sent with the sequence's next sample.
+    carry: crate::executor::routing::RoutingCarry,
 }
 
 impl Executor for CudaExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
         let Some(group) = step.groups.first() else { return Ok(Vec::new()) };
+        self.carry.release(&group.released_seq_ids);
         for id in &group.released_seq_ids {
             if let Some(s) = self.slot_of.remove(id) {
                 self.free.push(s);
@@ -125,7 +129,13 @@ impl Executor for CudaExecutor {
         let opts = crate::executor::forward_options(&group.seqs);
         let out =
             self.model.forward(&inputs, &mut self.cache, &opts).map_err(|e| fail(e.to_string()))?;
-        crate::executor::seq_results(step.step_id, &group.seqs, &out, self.model.config())
+        crate::executor::seq_results(
+            step.step_id,
+            &group.seqs,
+            &out,
+            self.model.config(),
+            &mut self.carry,
+        )
     }
 
     fn weight_bytes(&self) -> u64 {
