@@ -11,6 +11,7 @@
 pub mod api;
 pub mod directory;
 pub mod engine;
+pub mod experts;
 pub mod membership;
 pub mod planner;
 pub mod scheduler;

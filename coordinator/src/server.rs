@@ -75,6 +75,7 @@ pub async fn start(
         comm: cfg.worker.comm.clone(),
         eos_ids: model.eos_ids(),
         cluster: cfg.cluster.clone(),
+        experts: crate::experts::ExpertsConfig::from_cluster(cfg),
     };
     let (engine, state) = spawn_engine(engine_cfg, model.clone(), codec.clone(), directory);
     let inference =

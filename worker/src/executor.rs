@@ -75,6 +75,12 @@ pub trait Executor: Send + std::fmt::Debug {
 
     /// Bytes of weights this rank holds (reported in `PrepareEpochResponse`).
     fn weight_bytes(&self) -> u64;
+
+    /// What the last executed step adds to its `StepResult`: expert-load counters and
+    /// placement versions (issue 9, `crate::experts`). Default: nothing.
+    fn step_report(&mut self) -> crate::experts::StepReport {
+        crate::experts::StepReport::default()
+    }
 }
 
 /// Builds the executor of an epoch: loads this rank's shard, takes ownership of its collectives.

@@ -91,7 +91,7 @@ fn run_step(
     inner: &Mutex<Inner>,
     step: &StepRequest,
     rank: u32,
-) -> Result<Vec<fathom_proto::v1::SeqResult>, String> {
+) -> Result<(Vec<fathom_proto::v1::SeqResult>, crate::experts::StepReport), String> {
     let executor = {
         let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.state != WorkerState::Ready || g.epoch != step.epoch {
@@ -111,7 +111,8 @@ fn run_step(
     };
     let _ = rank;
     let mut ex = executor.lock().unwrap_or_else(|p| p.into_inner());
-    ex.execute(step).map_err(|e| e.to_string())
+    let seqs = ex.execute(step).map_err(|e| e.to_string())?;
+    Ok((seqs, ex.step_report()))
 }
 
 type BoxedComm = Box<dyn Collective>;
@@ -277,7 +278,10 @@ impl Worker for WorkerService {
                     ..Default::default()
                 };
                 match outcome {
-                    Ok(Ok(seqs)) => result.seqs = seqs,
+                    Ok(Ok((seqs, report))) => {
+                        result.seqs = seqs;
+                        report.fill(&mut result);
+                    }
                     Ok(Err(e)) => result.error = e,
                     Err(e) => result.error = format!("step task failed: {e}"),
                 }

@@ -61,13 +61,10 @@ pub fn parallel_plan(plan: &Plan, cfg: &ModelConfig) -> Result<ParallelPlan, Exe
                 })
                 .collect();
         }
-        let max_slot = plan
-            .placement
-            .iter()
-            .flat_map(|l| l.experts.iter().flat_map(|e| e.slots.iter().map(|s| s.local_slot)))
-            .max()
-            .unwrap_or(0) as usize;
-        layout.placement.slots_per_rank = layout.placement.slots_per_rank.max(max_slot + 1);
+        let redundant = plan.redundant_slots_per_rank as usize;
+        layout.placement.redundant_slots_per_rank = redundant;
+        layout.placement.slots_per_rank = cfg.n_routed_experts.div_ceil(w) + redundant;
+        layout.placement.version = plan.placement_version;
     }
     layout.validate_for(cfg).map_err(|e| bad(e.to_string()))?;
     Ok(layout)
@@ -93,7 +90,16 @@ impl ExecutorFactory for ShardedFactory {
         let cache = model
             .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
             .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
-        Ok(Box::new(ShardedExecutor { model, cache, world, group, weight_bytes }))
+        let stager = crate::experts::PlacementStager::new(plan.model_path.clone().into());
+        Ok(Box::new(ShardedExecutor {
+            model,
+            cache,
+            world,
+            group,
+            weight_bytes,
+            stager,
+            report: Default::default(),
+        }))
     }
 }
 
@@ -105,11 +111,16 @@ pub struct ShardedExecutor {
     world: Box<dyn Collective>,
     group: Box<dyn Collective>,
     weight_bytes: u64,
+    /// Live expert-placement changes (issue 9).
+    stager: crate::experts::PlacementStager,
+    /// The last step's load counters and placement versions.
+    report: crate::experts::StepReport,
 }
 
 impl Executor for ShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
+        self.stager.before_step(&mut self.model, step)?;
         let my_group = self.model.group() as u32;
         let seqs = step
             .groups
@@ -119,10 +130,18 @@ impl Executor for ShardedExecutor {
             .unwrap_or(&[]);
         let inputs = super::seq_inputs(seqs);
         let opts = RankForwardOptions::from(super::forward_options(seqs));
-        let out = self
+        let (out, load) = self
             .model
-            .forward(&inputs, &mut self.cache, self.world.as_mut(), self.group.as_mut(), &opts)
+            .forward_counted(
+                &inputs,
+                &mut self.cache,
+                self.world.as_mut(),
+                self.group.as_mut(),
+                &opts,
+            )
             .map_err(|e| fail(e.to_string()))?;
+        self.report =
+            crate::experts::StepReport::with_load(load, self.model.placement_version());
         if self.model.group_rank() != 0 || seqs.is_empty() {
             return Ok(Vec::new());
         }
@@ -131,5 +150,11 @@ impl Executor for ShardedExecutor {
 
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    fn step_report(&mut self) -> crate::experts::StepReport {
+        let mut r = std::mem::take(&mut self.report);
+        (r.staged_placement_version, r.staging_error) = self.stager.poll();
+        r
     }
 }
