@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fathom_proto::v1::admin_client::AdminClient;
 use fathom_proto::v1::{
-    ClusterStatusRequest, ExplicitReplicas, ExpertLoadRequest, ExpertReplicaCount,
+    ClusterStatusRequest, ExpertLoadRequest, ExpertReplicaCount, ExplicitReplicas,
     RebalanceRequest, SetExpertReplicasRequest, set_expert_replicas_request,
 };
 use serde_json::{Value, json};
@@ -87,9 +87,9 @@ pub fn run(args: AdminArgs) -> Result<()> {
             .await
             .with_context(|| format!("connecting to {}", args.endpoint))?;
         let auth = match &args.token {
-            Some(t) => Some(
-                format!("Bearer {t}").parse().context("the admin token is not valid ASCII")?,
-            ),
+            Some(t) => {
+                Some(format!("Bearer {t}").parse().context("the admin token is not valid ASCII")?)
+            }
             None => None,
         };
         let mut client = AdminClient::with_interceptor(channel, Auth(auth));
@@ -255,16 +255,15 @@ fn print(cmd: &AdminCommand, v: &Value, as_json: bool) {
             );
             println!("  rank tokens {}", v["rank_tokens"]);
             for l in v["layers"].as_array().into_iter().flatten() {
-                println!("  layer {:>3} tokens {} replicas {}", l["layer"], l["tokens"], l["replicas"]);
+                println!(
+                    "  layer {:>3} tokens {} replicas {}",
+                    l["layer"], l["tokens"], l["replicas"]
+                );
             }
         }
         AdminCommand::Experts(_) => {
-            let pairs: Vec<String> = v
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, x)| format!("{k} {x}"))
-                .collect();
+            let pairs: Vec<String> =
+                v.as_object().into_iter().flatten().map(|(k, x)| format!("{k} {x}")).collect();
             println!("{}", pairs.join(", "));
         }
     }

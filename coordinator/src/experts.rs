@@ -35,11 +35,10 @@ use fathom_common::ids::Epoch;
 use fathom_common::plan::load::{balance, balancedness};
 use fathom_common::plan::rebalance::{rebalance, set_replicas};
 use fathom_common::plan::{
-    ExpertError, ExpertPlacement, LayerCounts, LoadWindow, ParallelPlan, PlanSpec,
-    ReplicaRequest,
+    ExpertError, ExpertPlacement, LayerCounts, LoadWindow, ParallelPlan, PlanSpec, ReplicaRequest,
 };
 use fathom_proto::v1::{
-    ExpertReplicaSet, ExpertSlot, LayerPlacement, Plan, PlacementUpdate, StepRequest, StepResult,
+    ExpertReplicaSet, ExpertSlot, LayerPlacement, PlacementUpdate, Plan, StepRequest, StepResult,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -95,7 +94,9 @@ pub enum ExpertsError {
     Request(String),
     #[error("no expert placement yet: the cluster is not serving an epoch")]
     NotServing,
-    #[error("placement version {version} is still being loaded by the workers; retry once it is in effect")]
+    #[error(
+        "placement version {version} is still being loaded by the workers; retry once it is in effect"
+    )]
     Busy { version: u64 },
 }
 
@@ -220,7 +221,10 @@ pub fn placement_to_wire(p: &ExpertPlacement) -> Vec<LayerPlacement> {
 
 fn same_replicas(a: &ExpertPlacement, b: &ExpertPlacement) -> bool {
     a.layers.len() == b.layers.len()
-        && a.layers.iter().zip(&b.layers).all(|(x, y)| x.layer == y.layer && x.replicas == y.replicas)
+        && a.layers
+            .iter()
+            .zip(&b.layers)
+            .all(|(x, y)| x.layer == y.layer && x.replicas == y.replicas)
 }
 
 impl State {
@@ -281,8 +285,7 @@ impl State {
                     && a.placement.n_experts == plan.placement.n_experts
             });
         if !keep_load {
-            self.load =
-                LoadWindow::for_placement(&plan.placement, self.cfg.window_steps).ok();
+            self.load = LoadWindow::for_placement(&plan.placement, self.cfg.window_steps).ok();
             self.times.clear();
         }
         self.ranks = LoadWindow::new(layers, plan.world_size, self.cfg.window_steps).ok();
@@ -493,7 +496,10 @@ impl ExpertsHandle {
             }
             layers.push(LayerLoadSnapshot {
                 layer: lp.layer,
-                tokens: totals.get(&lp.layer).cloned().unwrap_or_else(|| vec![0; lp.replicas.len()]),
+                tokens: totals
+                    .get(&lp.layer)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0; lp.replicas.len()]),
                 replicas: lp.replicas.iter().map(|r| r.len() as u32).collect(),
                 rank_tokens: ranks,
             });

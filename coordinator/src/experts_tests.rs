@@ -145,7 +145,8 @@ fn staging_error_abandons_the_change() {
 fn invalid_requests_name_what_is_wrong() {
     let (h, _) = handle(1, Some(0));
     let layer = ModelConfig::tiny().first_k_dense_replace;
-    let explicit = |l: usize, e: usize, c: usize| h.explicit_request(&BTreeMap::new(), &[(l, e, c)]);
+    let explicit =
+        |l: usize, e: usize, c: usize| h.explicit_request(&BTreeMap::new(), &[(l, e, c)]);
     let cases: Vec<(Result<ChangeSummary, ExpertsError>, &str)> = vec![
         (explicit(0, 1, 2).and_then(|r| h.set_replicas(&r)), "layer 0"),
         (explicit(layer, 99, 2).and_then(|r| h.set_replicas(&r)), "expert 99"),

@@ -6,10 +6,10 @@
 //! through `api/status.rs` (invalid layer/expert/count → INVALID_ARGUMENT, a change still
 //! loading or no epoch → UNAVAILABLE). Drain is UNIMPLEMENTED until its engine support exists.
 
-use crate::engine::{EngineHandle, ServingState};
-use fathom_proto::v1::admin_server::Admin;
 use crate::engine::EngineError;
+use crate::engine::{EngineHandle, ServingState};
 use fathom_common::plan::ReplicaRequest;
+use fathom_proto::v1::admin_server::Admin;
 use fathom_proto::v1::{
     ClusterState, ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse,
     ExpertLoadRequest, ExpertLoadResponse, GroupStatus, LayerLoad, RebalanceRequest,

@@ -82,7 +82,11 @@ impl RankModel {
             ("world size of the new placement", old.world_size, new.world_size),
             ("tp of the new placement", old.tp, new.tp),
             ("experts of the new placement", old.placement.n_experts, new.placement.n_experts),
-            ("MoE layers of the new placement", old.placement.layers.len(), new.placement.layers.len()),
+            (
+                "MoE layers of the new placement",
+                old.placement.layers.len(),
+                new.placement.layers.len(),
+            ),
         ];
         for (what, expected, got) in same {
             if expected != got {
@@ -129,8 +133,9 @@ impl RankModel {
             let mut have = table.ids();
             have.extend(staged.gained.get(&layer.index()).into_iter().flatten().map(|(e, _)| *e));
             if let Some(&missing) = want.difference(&have).next() {
-                return Err(ModelError::ExpertNotLoaded { layer: layer.index(), expert: missing }
-                    .into());
+                return Err(
+                    ModelError::ExpertNotLoaded { layer: layer.index(), expert: missing }.into()
+                );
             }
             wanted.insert(layer.index(), want);
         }
