@@ -45,8 +45,8 @@ pub struct CoordinatorArgs {
     /// A worker given explicitly, `ID=HOST:PORT` (repeatable); replaces membership discovery.
     #[arg(long = "static-worker")]
     pub static_workers: Vec<String>,
-    /// Admin API token (overrides `coordinator.admin_token`).
-    #[arg(long)]
+    /// Admin API token (overrides `coordinator.admin_token`; default: FATHOM_ADMIN_TOKEN).
+    #[arg(long, env = "FATHOM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// KV blocks per attention group (overrides `coordinator.kv_blocks`).
     #[arg(long)]

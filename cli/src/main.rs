@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod bench;
 mod bench_comm;
 mod bench_parallel;
@@ -47,6 +48,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Run the worker role (one process, one rank).
     Worker(worker::WorkerArgs),
+    /// Operate a running cluster: status, expert load and replicas (Admin API).
+    Admin(admin::AdminArgs),
 }
 
 /// Cache directory of `fathom up` (resolved here: libraries never read the environment).
@@ -102,6 +105,7 @@ fn main() {
         Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c, tel)),
         Command::Coordinator(a) => coordinator::run(&a),
         Command::Worker(a) => worker::run(&a),
+        Command::Admin(a) => admin::run(a),
     };
     drop(guard); // flushes exported spans before the process exits
     if let Err(e) = result {

@@ -73,6 +73,9 @@ pub struct UpArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub kv_block_size: usize,
+    /// Admin API token (default: FATHOM_ADMIN_TOKEN, else a random one, printed to stderr).
+    #[arg(long, env = "FATHOM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// How long to wait for the workers to load and the cluster to serve.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout_s: u64,
@@ -215,7 +218,14 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
         tp: None,
         // With etcd the coordinator discovers the workers there; else it is told them.
         static_workers: if args.etcd.is_some() { Vec::new() } else { statics },
-        admin_token: None,
+        admin_token: Some(match &args.admin_token {
+            Some(t) => t.clone(),
+            None => {
+                let t = random_token()?;
+                eprintln!("fathom: admin token {t}");
+                t
+            }
+        }),
         kv_blocks: None,
         kv_block_size: None,
         max_queue: None,
@@ -230,6 +240,16 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
     children.reap(Duration::from_secs(5));
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// 128 random bits as hex, from the OS.
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for an admin token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 async fn serve(

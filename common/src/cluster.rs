@@ -76,6 +76,11 @@ pub struct ParallelSection {
     /// Extra expert slots per rank beyond the even share, for redundant replicas.
     #[serde(default)]
     pub redundant_slots_per_rank: usize,
+    /// Redundant replicas per MoE layer the first plan places (the `experts set redundant N`
+    /// policy with no load measured yet); unset fills every redundant slot. Must fit in the
+    /// `world_size · redundant_slots_per_rank` slots (checked when the plan is built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redundant_experts: Option<usize>,
     /// Pinned replica counts: `{ "3:17" = 2 }` gives expert 17 of layer 3 two replicas;
     /// `"*:17"` applies to every MoE layer.
     #[serde(default)]
@@ -92,6 +97,7 @@ impl Default for ParallelSection {
             world_size: 1,
             tp: 1,
             redundant_slots_per_rank: 0,
+            redundant_experts: None,
             pinned_replicas: Default::default(),
         }
     }
@@ -153,6 +159,9 @@ pub struct CoordinatorSection {
     /// Admin API token; when unset the Admin service refuses every call.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Steps (with tokens) the expert-load window covers (`fathom admin experts load`).
+    #[serde(default = "default_expert_window")]
+    pub expert_load_window_steps: usize,
 }
 
 fn default_coord_listen() -> String {
@@ -172,6 +181,9 @@ fn default_block() -> usize {
 }
 fn default_blocks() -> usize {
     4096
+}
+fn default_expert_window() -> usize {
+    256
 }
 
 impl Default for CoordinatorSection {
@@ -268,6 +280,20 @@ impl ClusterConfig {
         if c.kv_block_size == 0 || c.kv_blocks == 0 {
             return bad("coordinator.kv_blocks", "kv_block_size and kv_blocks must be >= 1".into());
         }
+        if c.expert_load_window_steps == 0 {
+            return bad("coordinator.expert_load_window_steps", "must be >= 1".into());
+        }
+        if let Some(n) = p.redundant_experts
+            && n > p.world_size * p.redundant_slots_per_rank
+        {
+            return bad(
+                "parallel.redundant_experts",
+                format!(
+                    "{n} redundant replicas do not fit in world_size {} x redundant_slots_per_rank {}",
+                    p.world_size, p.redundant_slots_per_rank
+                ),
+            );
+        }
         if c.max_step_tokens == 0 || c.max_batch == 0 {
             return bad(
                 "coordinator.max_step_tokens",
@@ -309,6 +335,9 @@ mod tests {
         c.parallel.world_size = 16;
         c.parallel.tp = 8;
         c.parallel.pinned_replicas.insert("*:3".into(), 2);
+        c.parallel.redundant_slots_per_rank = 2;
+        c.parallel.redundant_experts = Some(4);
+        c.coordinator.expert_load_window_steps = 64;
         c.membership.etcd_endpoints = vec!["http://etcd:2379".into()];
         let back = ClusterConfig::from_toml_str(&c.to_toml(), "t").unwrap();
         assert_eq!(back, c);
@@ -323,5 +352,11 @@ mod tests {
         assert!(e.to_string().contains("parallel.tp"), "{e}");
         let e = ClusterConfig::from_toml_str("[worker]\ndevice = \"tpu\"\n", "x").unwrap_err();
         assert!(e.to_string().contains("worker.device"), "{e}");
+        let e = ClusterConfig::from_toml_str(
+            "[parallel]\nworld_size = 2\nredundant_slots_per_rank = 1\nredundant_experts = 3\n",
+            "x",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("parallel.redundant_experts"), "{e}");
     }
 }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod directory;
 pub mod engine;
+pub mod experts;
 pub mod http;
 pub mod membership;
 pub mod metrics;

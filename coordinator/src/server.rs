@@ -96,6 +96,7 @@ pub async fn start_with_metrics(
         comm: cfg.worker.comm.clone(),
         eos_ids: model.eos_ids(),
         cluster: cfg.cluster.clone(),
+        experts: crate::experts::ExpertsConfig::from_cluster(cfg),
     };
     let (engine, state) =
         spawn_engine_with_metrics(engine_cfg, model.clone(), codec.clone(), directory, metrics);

@@ -76,6 +76,11 @@ pub trait Executor: Send + std::fmt::Debug {
     /// Bytes of weights this rank holds (reported in `PrepareEpochResponse`).
     fn weight_bytes(&self) -> u64;
 
+    /// What the last executed step adds to its `StepResult`: expert-load counters and
+    /// placement versions (issue 9, `crate::experts`). Default: nothing.
+    fn step_report(&mut self) -> crate::experts::StepReport {
+        crate::experts::StepReport::default()
+    }
     /// What the last [`execute`](Self::execute) measured (phase times, expert routing counts);
     /// taken once per step by the service for its metrics. Default: nothing measured.
     fn take_report(&mut self) -> crate::metrics::StepReport {
@@ -88,6 +93,23 @@ pub trait Executor: Send + std::fmt::Debug {
 pub(crate) fn forward_options_counting(seqs: &[SeqStep]) -> ForwardOptions {
     // Identical on every rank of a group (same sequences), as the routing gather requires.
     ForwardOptions { record_routing: !seqs.is_empty(), ..forward_options(seqs) }
+}
+
+/// The expert tally of a rank's step counters (`routed`: `[moe_layers][experts]` flattened, as
+/// `parallel::StepLoad::routed`); `None` for a model without MoE layers.
+pub(crate) fn expert_tally_of_load(
+    cfg: &ModelConfig,
+    routed: &[u32],
+) -> Option<crate::metrics::ExpertTally> {
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+    if layers.is_empty() || cfg.n_routed_experts == 0 {
+        return None;
+    }
+    let mut t = crate::metrics::ExpertTally::new(layers, cfg.n_routed_experts);
+    for (c, &r) in t.counts.iter_mut().zip(routed) {
+        *c += u64::from(r);
+    }
+    Some(t)
 }
 
 /// The expert tally of one forward's recorded routing (`None` for a model without MoE layers).

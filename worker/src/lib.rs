@@ -9,6 +9,7 @@
 //! Does not own: scheduling or KV block allocation (the coordinator decides; workers execute).
 
 pub mod executor;
+pub mod experts;
 pub mod kv;
 pub mod metrics;
 pub mod model;

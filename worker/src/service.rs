@@ -103,7 +103,7 @@ fn run_step(
     step: &StepRequest,
     rank: u32,
     metrics: &WorkerMetrics,
-) -> Result<Vec<fathom_proto::v1::SeqResult>, String> {
+) -> Result<(Vec<fathom_proto::v1::SeqResult>, crate::experts::StepReport), String> {
     let executor = {
         let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.state != WorkerState::Ready || g.epoch != step.epoch {
@@ -126,7 +126,7 @@ fn run_step(
     let started = Instant::now();
     let result = ex.execute(step).map_err(|e| e.to_string());
     metrics.observe_step(started.elapsed(), &ex.take_report());
-    result
+    Ok((result?, ex.step_report()))
 }
 
 type BoxedComm = Box<dyn Collective>;
@@ -310,7 +310,10 @@ impl Worker for WorkerService {
                     ..Default::default()
                 };
                 match outcome {
-                    Ok(Ok(seqs)) => result.seqs = seqs,
+                    Ok(Ok((seqs, report))) => {
+                        result.seqs = seqs;
+                        report.fill(&mut result);
+                    }
                     Ok(Err(e)) => result.error = e,
                     Err(e) => result.error = format!("step task failed: {e}"),
                 }

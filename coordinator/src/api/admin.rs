@@ -1,16 +1,22 @@
 //! `fathom.v1.Admin`: operator API. Every call needs `authorization: Bearer <token>` matching the
 //! configured token (UNAUTHENTICATED otherwise; PERMISSION_DENIED when no token is configured).
 //!
-//! ClusterStatus is served from the engine's snapshot. Drain, expert load, replicas and
-//! rebalance are answered UNIMPLEMENTED until their engine support exists.
+//! ClusterStatus is served from the engine's snapshot. ExpertLoad, SetExpertReplicas and
+//! Rebalance go to the engine's expert runtime (`crate::experts`); their errors map to statuses
+//! through `api/status.rs` (invalid layer/expert/count → INVALID_ARGUMENT, a change still
+//! loading or no epoch → UNAVAILABLE). Drain is UNIMPLEMENTED until its engine support exists.
 
+use crate::engine::EngineError;
 use crate::engine::{EngineHandle, ServingState};
+use fathom_common::plan::ReplicaRequest;
 use fathom_proto::v1::admin_server::Admin;
 use fathom_proto::v1::{
     ClusterState, ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse,
-    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, RebalanceRequest, RebalanceResponse,
-    SetExpertReplicasRequest, SetExpertReplicasResponse, WorkerHealth, WorkerStatus,
+    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, LayerLoad, RebalanceRequest,
+    RebalanceResponse, SetExpertReplicasRequest, SetExpertReplicasResponse, WorkerHealth,
+    WorkerStatus, set_expert_replicas_request,
 };
+use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
 /// The Admin service.
@@ -36,6 +42,10 @@ impl AdminApi {
             _ => Err(Status::unauthenticated("missing or wrong admin token")),
         }
     }
+}
+
+fn invalid(reason: String) -> Status {
+    EngineError::InvalidArgument { field: "expert replicas", reason }.into()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -115,7 +125,29 @@ impl Admin for AdminApi {
         request: Request<ExpertLoadRequest>,
     ) -> Result<Response<ExpertLoadResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("expert load tracking is not implemented yet"))
+        // The window is the coordinator's whole window (`coordinator.expert_load_window_steps`);
+        // `window_ms` in the answer says how much wall time it covers.
+        let s = self.engine.experts().snapshot();
+        Ok(Response::new(ExpertLoadResponse {
+            window_ms: s.window.as_millis() as u64,
+            layers: s
+                .layers
+                .into_iter()
+                .map(|l| LayerLoad {
+                    layer: l.layer as u32,
+                    tokens: l.tokens,
+                    replicas: l.replicas,
+                    rank_tokens: l.rank_tokens,
+                })
+                .collect(),
+            balancedness: s.balancedness,
+            rank_tokens: s.rank_tokens,
+            max_over_mean: s.max_over_mean,
+            placement_version: s.placement_version,
+            pending_placement_version: s.pending_version.unwrap_or(0),
+            window_steps: s.window_steps,
+            placement_steps: s.placement_steps,
+        }))
     }
 
     async fn set_expert_replicas(
@@ -123,7 +155,35 @@ impl Admin for AdminApi {
         request: Request<SetExpertReplicasRequest>,
     ) -> Result<Response<SetExpertReplicasResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("expert replicas are not implemented yet"))
+        let experts = self.engine.experts();
+        let req = match request.into_inner().replicas {
+            Some(set_expert_replicas_request::Replicas::Redundant(n)) => {
+                ReplicaRequest::Redundant(n as usize)
+            }
+            Some(set_expert_replicas_request::Replicas::Explicit(x)) => {
+                let mut layers = BTreeMap::new();
+                for l in x.layers {
+                    let counts = l.counts.iter().map(|&c| c as usize).collect();
+                    if layers.insert(l.layer as usize, counts).is_some() {
+                        return Err(invalid(format!("layer {} is listed twice", l.layer)));
+                    }
+                }
+                let sparse: Vec<(usize, usize, usize)> = x
+                    .experts
+                    .iter()
+                    .map(|e| (e.layer as usize, e.expert as usize, e.count as usize))
+                    .collect();
+                experts.explicit_request(&layers, &sparse).map_err(EngineError::from)?
+            }
+            None => return Err(invalid("give explicit counts or redundant N".into())),
+        };
+        let s = experts.set_replicas(&req).map_err(EngineError::from)?;
+        Ok(Response::new(SetExpertReplicasResponse {
+            epoch: self.engine.status().epoch,
+            placement_version: s.placement_version,
+            moved: s.moved as u64,
+            dropped: s.dropped as u64,
+        }))
     }
 
     async fn rebalance(
@@ -131,6 +191,15 @@ impl Admin for AdminApi {
         request: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("rebalance is not implemented yet"))
+        let dry_run = request.into_inner().dry_run;
+        let s = self.engine.experts().rebalance(dry_run).map_err(EngineError::from)?;
+        Ok(Response::new(RebalanceResponse {
+            epoch: self.engine.status().epoch,
+            balancedness_before: s.balancedness_before,
+            balancedness_after: s.balancedness_after,
+            placement_version: s.placement_version,
+            moved: s.moved as u64,
+            dropped: s.dropped as u64,
+        }))
     }
 }

@@ -63,6 +63,8 @@ pub struct EngineConfig {
     pub comm: String,
     pub eos_ids: Vec<u32>,
     pub cluster: String,
+    /// Expert placement policy and load window (issue 9).
+    pub experts: crate::experts::ExpertsConfig,
 }
 
 /// One message to a client stream.
@@ -151,9 +153,15 @@ pub struct EngineHandle {
     max_queue: usize,
     status: Arc<Mutex<StatusSnapshot>>,
     stats: Arc<Mutex<StepStats>>,
+    experts: crate::experts::ExpertsHandle,
 }
 
 impl EngineHandle {
+    /// Expert load counters and placement changes (Admin API, metrics).
+    pub fn experts(&self) -> &crate::experts::ExpertsHandle {
+        &self.experts
+    }
+
     /// Queues a request. Fails with `QueueFull` when `max_queue` requests already wait for
     /// admission, `Unavailable` when the engine is not serving or has stopped.
     pub fn submit(&self, sub: Submission) -> Result<(), EngineError> {

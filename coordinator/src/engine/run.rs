@@ -86,6 +86,8 @@ struct Engine {
     step_id: u64,
     next_seq: u64,
     metrics: Arc<CoordinatorMetrics>,
+    /// Expert load counters and live placement changes (issue 9).
+    experts: crate::experts::ExpertsHandle,
 }
 
 /// Starts the engine task. Returns the clients' handle and a receiver of the serving state
@@ -127,6 +129,7 @@ pub fn spawn_engine_with_metrics(
         steps: 0,
     }));
     let stats = Arc::new(Mutex::new(StepStats::default()));
+    let experts = crate::experts::ExpertsHandle::new(cfg.experts.clone(), model.clone());
     let (state_tx, state_rx) = watch::channel(ServingState::WaitingForWorkers);
     let handle = EngineHandle {
         tx,
@@ -134,6 +137,7 @@ pub fn spawn_engine_with_metrics(
         max_queue: cfg.max_queue,
         status: status.clone(),
         stats: stats.clone(),
+        experts: experts.clone(),
     };
     let d = (cfg.world_size / cfg.tp).max(1);
     let limits = Limits {
@@ -157,6 +161,7 @@ pub fn spawn_engine_with_metrics(
         step_id: 0,
         next_seq: 1,
         metrics,
+        experts,
     };
     tokio::spawn(engine.run());
     (handle, state_rx)
@@ -244,7 +249,8 @@ impl Engine {
             kv_blocks: self.cfg.kv_blocks,
             comm: self.cfg.comm.clone(),
         };
-        let plan = form_plan(&inputs, &members).map_err(|e| e.to_string())?;
+        let mut plan = form_plan(&inputs, &members).map_err(|e| e.to_string())?;
+        self.experts.shape_plan(&mut plan)?;
         let mut links = Vec::new();
         for r in &plan.ranks {
             let client = connect(&r.address, CONNECT_TIMEOUT)
@@ -286,6 +292,7 @@ impl Engine {
         }
         self.epoch = plan.epoch;
         self.step_id = 0;
+        self.experts.epoch_started();
         self.publish_status(&links, 0.0);
         Ok(links)
     }
@@ -295,10 +302,13 @@ impl Engine {
         let mut ewma = 0.0;
         loop {
             let idle = self.groups.iter().all(|g| g.running.is_empty() && g.waiting.is_empty());
-            if idle {
-                match self.rx.recv().await {
-                    Some(sub) => self.enqueue(sub),
-                    None => return Ok(()),
+            if idle && !self.experts.wants_step() {
+                tokio::select! {
+                    sub = self.rx.recv() => match sub {
+                        Some(sub) => self.enqueue(sub),
+                        None => return Ok(()),
+                    },
+                    _ = self.experts.wake() => {}
                 }
             }
             while let Ok(sub) = self.rx.try_recv() {
@@ -325,7 +335,7 @@ impl Engine {
                     released_seq_ids: std::mem::take(&mut g.released),
                 });
             }
-            if !any {
+            if !any && !self.experts.wants_step() {
                 // Nothing runnable (all cancelled, or waiting on blocks that nothing frees).
                 // Wait briefly for a submission so cancellations and deadlines are still seen.
                 self.publish_status(links, ewma);
@@ -338,13 +348,15 @@ impl Engine {
             }
             self.step_id += 1;
             let span = self.step_span(&groups, nseqs);
-            let step = StepRequest {
+            let mut step = StepRequest {
                 epoch: self.epoch,
                 step_id: self.step_id,
                 trace_context: trace_context(&span),
                 groups,
                 flags: Some(StepFlags::default()),
+                ..Default::default()
             };
+            self.experts.prepare_step(&mut step);
             let (last, rest) = links.split_last().expect("a plan has at least one rank");
             for l in rest {
                 l.send(step.clone()).await?;
@@ -369,6 +381,7 @@ impl Engine {
                 }
                 ok.push(r);
             }
+            self.experts.record_results(&ok);
             let tp = self.cfg.tp as u32;
             for r in ok.into_iter().filter(|r| r.rank % tp == 0) {
                 self.apply(r);

@@ -93,6 +93,8 @@ pub fn form_plan(inputs: &PlanInputs<'_>, members: &[Member]) -> Result<Plan, Pl
         kv_block_size: inputs.kv_block_size as u32,
         kv_blocks: inputs.kv_blocks as u32,
         comm: inputs.comm.clone(),
+        // Expert redundancy and placement version: set by `crate::experts` (shape_plan).
+        ..Default::default()
     })
 }
 

@@ -138,6 +138,9 @@ path = {{ include "fathom.modelPath" .ctx | toJson }}
 world_size = {{ int $v.workers.replicas }}
 tp = {{ int $v.parallel.tp }}
 redundant_slots_per_rank = {{ int $v.parallel.redundantSlotsPerRank }}
+{{- if ne (toString $v.parallel.redundantExperts) "" }}
+redundant_experts = {{ int $v.parallel.redundantExperts }}
+{{- end }}
 
 [parallel.pinned_replicas]
 {{- range $k, $n := $v.parallel.pinnedReplicas }}
@@ -158,6 +161,7 @@ max_step_tokens = {{ int $v.coordinator.maxStepTokens }}
 max_batch = {{ int $v.coordinator.maxBatch }}
 kv_block_size = {{ int $v.coordinator.kvBlockSize }}
 kv_blocks = {{ int $v.coordinator.kvBlocks }}
+expert_load_window_steps = {{ int $v.coordinator.expertLoadWindowSteps }}
 {{- if and .adminToken $v.coordinator.adminToken }}
 admin_token = {{ $v.coordinator.adminToken | toJson }}
 {{- end }}

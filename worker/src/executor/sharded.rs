@@ -63,13 +63,10 @@ pub fn parallel_plan(plan: &Plan, cfg: &ModelConfig) -> Result<ParallelPlan, Exe
                 })
                 .collect();
         }
-        let max_slot = plan
-            .placement
-            .iter()
-            .flat_map(|l| l.experts.iter().flat_map(|e| e.slots.iter().map(|s| s.local_slot)))
-            .max()
-            .unwrap_or(0) as usize;
-        layout.placement.slots_per_rank = layout.placement.slots_per_rank.max(max_slot + 1);
+        let redundant = plan.redundant_slots_per_rank as usize;
+        layout.placement.redundant_slots_per_rank = redundant;
+        layout.placement.slots_per_rank = cfg.n_routed_experts.div_ceil(w) + redundant;
+        layout.placement.version = plan.placement_version;
     }
     layout.validate_for(cfg).map_err(|e| bad(e.to_string()))?;
     Ok(layout)
@@ -98,6 +95,7 @@ impl ExecutorFactory for ShardedFactory {
         let cache = model
             .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
             .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
+        let stager = crate::experts::PlacementStager::new(plan.model_path.clone().into());
         Ok(Box::new(ShardedExecutor {
             model,
             cache,
@@ -106,6 +104,8 @@ impl ExecutorFactory for ShardedFactory {
             weight_bytes,
             report: StepReport::default(),
             carry: Default::default(),
+            stager,
+            experts_report: Default::default(),
         }))
     }
 }
@@ -121,11 +121,16 @@ pub struct ShardedExecutor {
     report: StepReport,
     /// Routed experts of non-final prefill chunks (group rank 0 only).
     carry: super::routing::RoutingCarry,
+    /// Live expert-placement changes (issue 9).
+    stager: crate::experts::PlacementStager,
+    /// The last step's load counters and placement versions.
+    experts_report: crate::experts::StepReport,
 }
 
 impl Executor for ShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
+        self.stager.before_step(&mut self.model, step)?;
         let my_group = self.model.group() as u32;
         let mine = step.groups.iter().find(|g| g.group == my_group);
         let seqs = mine.map(|g| g.seqs.as_slice()).unwrap_or(&[]);
@@ -133,19 +138,20 @@ impl Executor for ShardedExecutor {
             self.carry.release(&g.released_seq_ids);
         }
         let inputs = super::seq_inputs(seqs);
-        // Every rank of the group passes the same options (routing is gathered over the group).
-        let opts = RankForwardOptions::from(super::forward_options_counting(seqs));
+        let opts = RankForwardOptions::from(super::forward_options(seqs));
         let t0 = Instant::now();
         let (world, group) = (self.world.as_mut(), self.group.as_mut());
-        let out = tracing::trace_span!("forward", tokens = inputs.len())
-            .in_scope(|| self.model.forward(&inputs, &mut self.cache, world, group, &opts))
+        let (out, load) = tracing::trace_span!("forward", tokens = inputs.len())
+            .in_scope(|| self.model.forward_counted(&inputs, &mut self.cache, world, group, &opts))
             .map_err(|e| fail(e.to_string()))?;
         self.report.forward = Some(t0.elapsed());
+        // Every rank counts the tokens of its own slice (metrics sum over ranks).
+        self.report.experts = super::expert_tally_of_load(self.model.config(), &load.routed);
+        self.experts_report =
+            crate::experts::StepReport::with_load(load, self.model.placement_version());
         if self.model.group_rank() != 0 || seqs.is_empty() {
             return Ok(Vec::new());
         }
-        // The gathered routing covers the whole group's tokens: rank 0 of the group counts it.
-        self.report.experts = super::expert_tally(self.model.config(), &out);
         let t1 = Instant::now();
         let results = tracing::trace_span!("sample").in_scope(|| {
             super::seq_results(step.step_id, seqs, &out, self.model.config(), &mut self.carry)
@@ -160,5 +166,11 @@ impl Executor for ShardedExecutor {
 
     fn take_report(&mut self) -> StepReport {
         std::mem::take(&mut self.report)
+    }
+
+    fn step_report(&mut self) -> crate::experts::StepReport {
+        let mut r = std::mem::take(&mut self.experts_report);
+        (r.staged_placement_version, r.staging_error) = self.stager.poll();
+        r
     }
 }

@@ -3,7 +3,7 @@
 //! expert-parallel MoE of `moe.rs`. Norms are replicated; the residual stream `h` is the same on
 //! every rank of the group before and after the block.
 
-use super::moe::EpMoe;
+use super::moe::{EpMoe, MoeCounts};
 use super::{ParallelError, RankForwardOptions, even_range};
 use crate::kv::PagedKvCache;
 use crate::model::StepCtx;
@@ -23,6 +23,10 @@ enum RankFfn {
     Dense(SwiGlu),
     Moe(EpMoe),
 }
+
+/// What one block returns besides the residual update: each token's experts (MoE layer,
+/// routing recorded) and the layer's load counters (MoE layer).
+pub(super) type LayerOut = (Option<Vec<Vec<u32>>>, Option<MoeCounts>);
 
 #[derive(Debug)]
 pub(super) struct RankLayer {
@@ -66,7 +70,8 @@ impl RankLayer {
     }
 
     /// Runs the block on `h` (`[n, hidden]`, updated in place; `n` may be 0). Returns, for a MoE
-    /// layer with routing recorded, each token's experts ascending.
+    /// layer with routing recorded, each token's experts ascending, and for a MoE layer its load
+    /// counters.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
@@ -77,7 +82,7 @@ impl RankLayer {
         group: &mut dyn Collective,
         plan: &ParallelPlan,
         opts: &RankForwardOptions,
-    ) -> Result<Option<Vec<Vec<u32>>>, ParallelError> {
+    ) -> Result<LayerOut, ParallelError> {
         let n = ctx.n_tokens();
         if n > 0 {
             let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
@@ -89,21 +94,42 @@ impl RankLayer {
             h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
         }
         let x = rms_norm_new(h, &self.ffn_norm, self.eps, self.hidden);
-        let (f, routing) = match &self.ffn {
+        let (f, routing, counts) = match &self.ffn {
             RankFfn::Dense(mlp) => {
                 if n == 0 {
-                    return Ok(None);
+                    return Ok((None, None));
                 }
                 let mut f = mlp.forward(&x); // [n, hidden] partial
                 group.all_reduce_sum_f32(&mut f)?;
-                (f, None)
+                (f, None, None)
             }
             RankFfn::Moe(moe) => {
-                moe.forward(&x, self.index, world, group, plan, opts.base.record_routing)?
+                let (f, r, c) =
+                    moe.forward(&x, self.index, world, group, plan, opts.base.record_routing)?;
+                (f, r, Some(c))
             }
         };
         h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
-        Ok(routing)
+        Ok((routing, counts))
+    }
+
+    /// The expert table of a MoE layer (`None` for a dense layer).
+    pub(super) fn experts(&self) -> Option<&super::table::ExpertTable> {
+        match &self.ffn {
+            RankFfn::Moe(m) => Some(m.table()),
+            RankFfn::Dense(_) => None,
+        }
+    }
+
+    pub(super) fn experts_mut(&mut self) -> Option<&mut super::table::ExpertTable> {
+        match &mut self.ffn {
+            RankFfn::Moe(m) => Some(m.table_mut()),
+            RankFfn::Dense(_) => None,
+        }
+    }
+
+    pub(super) fn index(&self) -> usize {
+        self.index
     }
 
     /// Every rank of the group computes the indexer top-k of every token; a digest of them is

@@ -41,9 +41,13 @@ mod counting;
 mod generate;
 mod layer;
 mod moe;
+mod placement;
+mod table;
 
 pub use counting::CountingSource;
 pub use generate::{GenerateOutput, GenerateRequest, generate_on_rank, run_local};
+pub use placement::{StagedExperts, StepLoad, stage};
+pub use table::{ExpertTable, load_expert};
 
 use crate::kv::PagedKvCache;
 use crate::model::embed::{Embedding, LmHead};
@@ -241,6 +245,18 @@ impl RankModel {
         group: &mut dyn Collective,
         opts: &RankForwardOptions,
     ) -> Result<ForwardOutput, ParallelError> {
+        self.forward_counted(seqs, cache, world, group, opts).map(|(out, _)| out)
+    }
+
+    /// [`Self::forward`] plus this rank's expert-load counters of the step ([`StepLoad`]).
+    pub fn forward_counted(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut PagedKvCache,
+        world: &mut dyn Collective,
+        group: &mut dyn Collective,
+        opts: &RankForwardOptions,
+    ) -> Result<(ForwardOutput, StepLoad), ParallelError> {
         self.check_comms(world, group)?;
         crate::model::validate_batch(&self.cfg, seqs, cache)?;
         let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
@@ -258,8 +274,11 @@ impl RankModel {
         if opts.base.record_routing {
             out.routed_experts = vec![Vec::new(); n];
         }
+        let mut load = StepLoad::default();
         for layer in &self.layers {
-            let routing = layer.forward(&mut h, &ctx, cache, world, group, &self.plan, opts)?;
+            let (routing, counts) =
+                layer.forward(&mut h, &ctx, cache, world, group, &self.plan, opts)?;
+            load.push(counts);
             if opts.base.record_hidden {
                 out.layer_hidden.push(h.clone());
             }
@@ -284,7 +303,7 @@ impl RankModel {
                 self.gather_logits(&self.head.logits(&normed), out.logit_rows.len(), group)?;
         }
         out.hidden = h;
-        Ok(out)
+        Ok((out, load))
     }
 
     /// Vocab-parallel logits `[rows, local vocab]` → full `[rows, vocab]` on every group rank.

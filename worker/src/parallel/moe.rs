@@ -14,9 +14,14 @@
 //!   their experts arrived.
 //!
 //! Every rank calls both all-to-alls for every MoE layer, also with an empty slice.
+//!
+//! Load counters (issue 9): each forward also returns [`MoeCounts`] — tokens of this rank's
+//! slice routed to each logical expert and the assignments this rank's experts computed —
+//! counted once per step from the lists the layer builds anyway (no per-token work added).
 
 use super::ParallelError;
-use crate::model::experts::{Assignment, Experts};
+use super::table::ExpertTable;
+use crate::model::experts::Assignment;
 use crate::model::ffn::SwiGlu;
 use crate::model::gate::Router;
 use crate::weights::TensorSource;
@@ -29,10 +34,11 @@ use fathom_kernels::comm::{Collective, CollectiveExt};
 #[derive(Debug)]
 pub(super) struct EpMoe {
     router: Router,
-    experts: Experts,
+    experts: ExpertTable,
     shared: Option<SwiGlu>,
     hidden: usize,
     top_k: usize,
+    n_experts: usize,
 }
 
 /// The dispatch payload of one rank: `words` for the all-to-all, the word count per
@@ -52,8 +58,18 @@ struct Received {
     per_src: Vec<usize>,
 }
 
-/// Output of [`EpMoe::forward`]: `[n, hidden]` and, when recorded, each token's experts.
-type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>);
+/// One layer's expert load in one step, as this rank saw it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct MoeCounts {
+    /// `[n_routed_experts]`: tokens of this rank's slice routed to each logical expert.
+    pub routed: Vec<u32>,
+    /// (token, expert) assignments this rank's expert slots computed (for any routing rank).
+    pub computed: u64,
+}
+
+/// Output of [`EpMoe::forward`]: `[n, hidden]`, when recorded each token's experts, and the
+/// layer's load counters.
+type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>, MoeCounts);
 
 /// The rows of slice `k` of `n` tokens split over `t` ranks (ceil-sized, so the all-gather can
 /// use equal padded parts of `n.div_ceil(t)` rows).
@@ -88,10 +104,11 @@ impl EpMoe {
         };
         Ok(Self {
             router: Router::load(src, cfg, &format!("{p}.gate"))?,
-            experts: Experts::load(src, &format!("{p}.experts"), &ids, cfg)?,
+            experts: ExpertTable::load(src, cfg, layer, &ids)?,
             shared,
             hidden: h,
             top_k: cfg.num_experts_per_tok,
+            n_experts: cfg.n_routed_experts,
         })
     }
 
@@ -119,6 +136,13 @@ impl EpMoe {
         let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
         let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
         let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
+        let mut counts =
+            MoeCounts { routed: vec![0; self.router_experts()], computed: rx.assign.len() as u64 };
+        for a in &assignments {
+            if let Some(c) = counts.routed.get_mut(a.expert as usize) {
+                *c += 1;
+            }
+        }
         let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
 
@@ -162,7 +186,7 @@ impl EpMoe {
             out.iter_mut().zip(shared.forward(xs)).for_each(|(o, s)| *o += s);
         }
         if n == 0 {
-            return Ok((Vec::new(), record.then(Vec::new)));
+            return Ok((Vec::new(), record.then(Vec::new), counts));
         }
 
         // All-gather the slices in the group (padded to equal parts).
@@ -196,7 +220,21 @@ impl EpMoe {
         } else {
             None
         };
-        Ok((full, routing))
+        Ok((full, routing, counts))
+    }
+
+    /// Logical routed experts of the model (the router's width).
+    fn router_experts(&self) -> usize {
+        self.n_experts
+    }
+
+    /// The experts this rank holds (for live placement changes).
+    pub(super) fn table(&self) -> &ExpertTable {
+        &self.experts
+    }
+
+    pub(super) fn table_mut(&mut self) -> &mut ExpertTable {
+        &mut self.experts
     }
 
     /// Packs the dispatch records of this rank's slice.
