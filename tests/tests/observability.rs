@@ -399,7 +399,21 @@ async fn one_trace_spans_coordinator_and_workers_with_parent_links() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_exactly_what_was_served() {
-    let procs = Procs::start(2, &Setup::default()).expect("cluster");
+    metrics_check(1).await;
+}
+
+/// T = 2: the group's routing is gathered on both ranks; only the group's rank 0 counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_each_token_once_with_tensor_parallel_groups() {
+    metrics_check(2).await;
+}
+
+/// Two workers with tensor-parallel size `tp`: counters move by exactly what was served.
+async fn metrics_check(tp: usize) {
+    let tp_flag: &'static str = if tp == 1 { "--tp=1" } else { "--tp=2" };
+    let setup = Setup { coordinator_flags: vec![tp_flag], ..Default::default() };
+    let procs = Procs::start(2, &setup).expect("cluster");
+    let groups = (2 / tp) as f64;
     let cfg = fathom_common::ModelConfig::tiny();
     let per_token = (cfg.num_experts_per_tok * cfg.num_moe_layers()) as f64;
     assert!(per_token > 0.0, "the tiny model has MoE layers");
@@ -439,7 +453,7 @@ async fn metrics_move_by_exactly_what_was_served() {
     assert_eq!(get(&c1, "fathom_queue_depth"), 0.0);
     assert_eq!(get(&c1, "fathom_running_sequences"), 0.0);
     assert_eq!(get(&c1, "fathom_kv_blocks{state=\"used\"}"), 0.0);
-    assert_eq!(get(&c1, "fathom_kv_blocks{state=\"free\"}"), 2.0 * 256.0, "2 groups × 256");
+    assert_eq!(get(&c1, "fathom_kv_blocks{state=\"free\"}"), groups * 256.0, "groups × 256");
     let steps = d("fathom_step_seconds_count{phase=\"execute\"}");
     assert!(steps >= generated, "at least one step per generated token: {steps}");
 
