@@ -478,6 +478,10 @@ async fn metrics_check(tp: usize) {
             .collect();
         assert!(bal.iter().all(|v| *v > 0.0 && *v <= 1.0), "balancedness in (0, 1]: {bal:?}");
     }
+    // Without a TTY, weight loading reports plain progress lines on each worker's stderr.
+    for (name, log) in &procs.log_text()[1..] {
+        assert!(log.contains("fathom: loading weights: "), "{name}: no progress lines:\n{log}");
+    }
     let routed: usize =
         w1.iter().filter(|w| sum_prefix(w, "fathom_expert_balancedness{") > 0.0).count();
     assert!(routed >= 1, "some worker routed tokens and reports balancedness");
@@ -600,4 +604,21 @@ fn fathom_up_prints_the_coordinators_metrics_address() -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+#[test]
+fn checkpoint_synth_reports_progress_lines_without_a_tty() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(fathom_bin())
+        .args(["checkpoint", "synth", "--preset", "tiny", "--out"])
+        .arg(dir.path().join("m"))
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8(out.stderr)?;
+    let last = err.lines().rfind(|l| l.starts_with("fathom: synthesizing the checkpoint: "));
+    let last = last.context("no progress line on stderr")?;
+    assert!(last.contains(": 100% ("), "the last progress line says done: {last}");
+    assert!(!err.contains('\r'), "no bar drawing without a TTY");
+    Ok(())
 }
