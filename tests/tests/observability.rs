@@ -622,3 +622,21 @@ fn checkpoint_synth_reports_progress_lines_without_a_tty() -> Result<()> {
     assert!(!err.contains('\r'), "no bar drawing without a TTY");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_shows_down_and_its_request_unavailable() {
+    let mut procs = Procs::start(2, &Setup::default()).expect("cluster");
+    let before = scrape(&procs.coordinator_metrics).unwrap();
+    assert_eq!(get(&before, "fathom_worker_up{worker=\"w1\"}"), 1.0);
+    // Worker w1 is children[1] (workers first, then the coordinator).
+    procs.children[1].kill().unwrap();
+    procs.children[1].wait().unwrap();
+    let mut client = procs.client().await.unwrap();
+    let status = generate(&mut client, greedy_request(&[1, 2, 3], 8)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let after = scrape(&procs.coordinator_metrics).unwrap();
+    assert_eq!(get(&after, "fathom_worker_up{worker=\"w1\"}"), 0.0, "the killed worker is down");
+    let d = |s: &str| get(&after, s) - get(&before, s);
+    assert_eq!(d("fathom_requests_total{status=\"unavailable\"}"), 1.0);
+    assert_eq!(d("fathom_requests_total{status=\"ok\"}"), 0.0);
+}
