@@ -7,7 +7,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::field::{Field, Visit};
@@ -74,15 +74,17 @@ impl Progress {
     }
 
     fn line(&self) {
-        match (self.done * 100).checked_div(self.total) {
-            Some(pct) => eprintln!(
-                "fathom: {}: {pct}% ({} of {})",
+        let line = match (self.done * 100).checked_div(self.total) {
+            Some(pct) => format!(
+                "fathom: {}: {pct}% ({} of {})\n",
                 self.task,
                 human(self.done, self.unit),
                 human(self.total, self.unit)
             ),
-            None => eprintln!("fathom: {}: {}", self.task, human(self.done, self.unit)),
-        }
+            None => format!("fathom: {}: {}\n", self.task, human(self.done, self.unit)),
+        };
+        // One write: lines of several processes sharing a terminal stay whole.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     /// The task ended.

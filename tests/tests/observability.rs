@@ -399,7 +399,21 @@ async fn one_trace_spans_coordinator_and_workers_with_parent_links() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_exactly_what_was_served() {
-    let procs = Procs::start(2, &Setup::default()).expect("cluster");
+    metrics_check(1).await;
+}
+
+/// T = 2: the group's routing is gathered on both ranks; only the group's rank 0 counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_each_token_once_with_tensor_parallel_groups() {
+    metrics_check(2).await;
+}
+
+/// Two workers with tensor-parallel size `tp`: counters move by exactly what was served.
+async fn metrics_check(tp: usize) {
+    let tp_flag: &'static str = if tp == 1 { "--tp=1" } else { "--tp=2" };
+    let setup = Setup { coordinator_flags: vec![tp_flag], ..Default::default() };
+    let procs = Procs::start(2, &setup).expect("cluster");
+    let groups = (2 / tp) as f64;
     let cfg = fathom_common::ModelConfig::tiny();
     let per_token = (cfg.num_experts_per_tok * cfg.num_moe_layers()) as f64;
     assert!(per_token > 0.0, "the tiny model has MoE layers");
@@ -439,7 +453,7 @@ async fn metrics_move_by_exactly_what_was_served() {
     assert_eq!(get(&c1, "fathom_queue_depth"), 0.0);
     assert_eq!(get(&c1, "fathom_running_sequences"), 0.0);
     assert_eq!(get(&c1, "fathom_kv_blocks{state=\"used\"}"), 0.0);
-    assert_eq!(get(&c1, "fathom_kv_blocks{state=\"free\"}"), 2.0 * 256.0, "2 groups × 256");
+    assert_eq!(get(&c1, "fathom_kv_blocks{state=\"free\"}"), groups * 256.0, "groups × 256");
     let steps = d("fathom_step_seconds_count{phase=\"execute\"}");
     assert!(steps >= generated, "at least one step per generated token: {steps}");
 
@@ -463,6 +477,10 @@ async fn metrics_move_by_exactly_what_was_served() {
             .map(|(_, v)| *v)
             .collect();
         assert!(bal.iter().all(|v| *v > 0.0 && *v <= 1.0), "balancedness in (0, 1]: {bal:?}");
+    }
+    // Without a TTY, weight loading reports plain progress lines on each worker's stderr.
+    for (name, log) in &procs.log_text()[1..] {
+        assert!(log.contains("fathom: loading weights: "), "{name}: no progress lines:\n{log}");
     }
     let routed: usize =
         w1.iter().filter(|w| sum_prefix(w, "fathom_expert_balancedness{") > 0.0).count();
@@ -586,4 +604,39 @@ fn fathom_up_prints_the_coordinators_metrics_address() -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+#[test]
+fn checkpoint_synth_reports_progress_lines_without_a_tty() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(fathom_bin())
+        .args(["checkpoint", "synth", "--preset", "tiny", "--out"])
+        .arg(dir.path().join("m"))
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8(out.stderr)?;
+    let last = err.lines().rfind(|l| l.starts_with("fathom: synthesizing the checkpoint: "));
+    let last = last.context("no progress line on stderr")?;
+    assert!(last.contains(": 100% ("), "the last progress line says done: {last}");
+    assert!(!err.contains('\r'), "no bar drawing without a TTY");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_shows_down_and_its_request_unavailable() {
+    let mut procs = Procs::start(2, &Setup::default()).expect("cluster");
+    let before = scrape(&procs.coordinator_metrics).unwrap();
+    assert_eq!(get(&before, "fathom_worker_up{worker=\"w1\"}"), 1.0);
+    // Worker w1 is children[1] (workers first, then the coordinator).
+    procs.children[1].kill().unwrap();
+    procs.children[1].wait().unwrap();
+    let mut client = procs.client().await.unwrap();
+    let status = generate(&mut client, greedy_request(&[1, 2, 3], 8)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let after = scrape(&procs.coordinator_metrics).unwrap();
+    assert_eq!(get(&after, "fathom_worker_up{worker=\"w1\"}"), 0.0, "the killed worker is down");
+    let d = |s: &str| get(&after, s) - get(&before, s);
+    assert_eq!(d("fathom_requests_total{status=\"unavailable\"}"), 1.0);
+    assert_eq!(d("fathom_requests_total{status=\"ok\"}"), 0.0);
 }

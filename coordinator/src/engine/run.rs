@@ -199,6 +199,7 @@ impl Engine {
                 Ok(()) => return, // all handles dropped: shutting down
                 Err(e) => {
                     tracing::warn!(epoch = self.epoch, "epoch failed: {e}");
+                    // Before any request hears of the failure (publish_status below keeps it).
                     self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
@@ -571,12 +572,19 @@ impl Engine {
         m.kv_blocks
             .with_label_values(&["free"])
             .set((st.kv_blocks_total - st.kv_blocks_used) as i64);
-        for l in links {
-            m.worker_up.with_label_values(&[l.worker_id.as_str()]).set(1);
+        if st.state != ServingState::Reconfiguring {
+            // The links of a prepared epoch (not those of one that just failed).
+            for l in links {
+                m.worker_up.with_label_values(&[l.worker_id.as_str()]).set(1);
+            }
         }
         if st.ranks.len() != links.len()
             || st.ranks.iter().zip(links).any(|(a, b)| a.rank != b.rank)
         {
+            for gone in st.ranks.iter().filter(|r| links.iter().all(|l| l.worker_id != r.worker_id))
+            {
+                m.worker_up.with_label_values(&[gone.worker_id.as_str()]).set(0);
+            }
             st.ranks = links
                 .iter()
                 .map(|l| RankStatus {
