@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_comm;
 mod bench_parallel;
+mod bench_rl;
 mod bench_serve;
 mod checkpoint;
 mod client;
