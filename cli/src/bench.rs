@@ -25,6 +25,8 @@ pub enum BenchCommand {
     ParallelDecode(crate::bench_parallel::Args),
     /// Serving through a local cluster: requests/s, TTFT, coordinator overhead per step.
     Serve(crate::bench_serve::Args),
+    /// RL rollout outputs (routed experts, logprobs, masks): bytes per token and step overhead.
+    RlCapture(crate::bench_rl::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +71,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Comm(a) => crate::bench_comm::run(&a),
         BenchCommand::ParallelDecode(a) => crate::bench_parallel::run(&a),
         BenchCommand::Serve(a) => crate::bench_serve::run(&a),
+        BenchCommand::RlCapture(a) => crate::bench_rl::run(&a),
     }
 }
 

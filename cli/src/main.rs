@@ -7,6 +7,7 @@ mod admin;
 mod bench;
 mod bench_comm;
 mod bench_parallel;
+mod bench_rl;
 mod bench_serve;
 mod checkpoint;
 mod client;

@@ -3,8 +3,8 @@
 //!
 //! - Routed experts stream with the tokens (the first chunk covers the prompt, every later chunk
 //!   the one position fed since) and equal HF transformers' router decisions (teacher-forced:
-//!   the greedy rollout feeds exactly HF's teacher-forced sequence), on W=1 and on W=2 (EP over
-//!   two worker processes).
+//!   the greedy rollout feeds exactly HF's teacher-forced sequence), on W=1, on W=2 (EP over
+//!   two worker processes), and on W=2 with the prompt prefilled in chunks of 8 tokens.
 //! - Seeded sampling (temperature 1, top-k 5, top-p 0.9) with logprobs and masks: every token
 //!   lies in its mask, masks hold ≤ 5 ids, logprobs ≤ 0, and tokens, masks and logprobs are
 //!   bit-identical to the in-process W=1 run, to a second cluster run, and across cluster layouts.
@@ -135,7 +135,14 @@ fn streamed_routing(
 }
 
 fn start(w: usize) -> Cluster {
-    let opts = Opts { workers: w, extra: vec!["--tp".into(), "1".into()], etcd: None };
+    start_with(w, &[])
+}
+
+/// A W-worker cluster (T = 1) on the golden checkpoint, with extra coordinator flags.
+fn start_with(w: usize, extra: &[&str]) -> Cluster {
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.extend(["--tp".into(), "1".into()]);
+    let opts = Opts { workers: w, extra, etcd: None };
     Cluster::start_with_model(opts, golden_dir()).unwrap_or_else(|e| panic!("cluster W={w}: {e:#}"))
 }
 
@@ -144,8 +151,11 @@ async fn routed_experts_stream_with_tokens_and_equal_hf_router() {
     let g = golden();
     let n = g.greedy.len() as u32;
     let opts = GenerateOptions { return_routed_experts: true, ..Default::default() };
-    for w in [1, 2] {
-        let c = start(w);
+    // The last layout prefills the 20-token prompt in chunks of at most 8 tokens (a step's
+    // token budget): only the last chunk samples, and the routing of all of them must still
+    // arrive with the first token, from position 0.
+    for (w, extra) in [(1, &[][..]), (2, &[][..]), (2, &["--max-step-tokens", "8"][..])] {
+        let c = start_with(w, extra);
         let mut client = c.client().await.unwrap();
         let got = chunks(&mut client, request(&g.prompt, n, SamplingParams::default(), opts)).await;
         let tokens: Vec<u32> = got.iter().flat_map(|c| c.token_ids.clone()).collect();
@@ -161,7 +171,8 @@ async fn routed_experts_stream_with_tokens_and_equal_hf_router() {
             assert_eq!(ours, hf, "W={w}: position {t}: routed experts [moe_layer][k]");
         }
         eprintln!(
-            "W={w}: {} positions compared with HF over gRPC, {excluded} excluded (margin < {MARGIN:e})",
+            "W={w} {extra:?}: {} positions compared with HF over gRPC, {excluded} excluded \
+             (margin < {MARGIN:e})",
             routing.len()
         );
         assert_eq!(excluded, 0, "W={w}: the fixture has no near-tie router margins");
