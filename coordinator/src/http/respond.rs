@@ -45,9 +45,9 @@ fn submit(api: &HttpApi, job: &Job) -> Result<(mpsc::Receiver<Event>, Pipe), Api
         tx,
     })?;
     let hidden = if job.ignore_eos { Vec::new() } else { api.eos_ids.clone() };
-    let think_end = api.template.as_ref().map(|t| t.tokens.think_end.content.as_str());
+    let think_end = api.served.template.as_ref().map(|t| t.tokens.think_end.content.as_str());
     let pipe = Pipe::new(
-        api.codec.clone(),
+        api.served.codec.clone(),
         hidden,
         &job.stops,
         think_end.unwrap_or(""),
@@ -132,7 +132,7 @@ async fn whole(
                 message["reasoning_content"] = json!(out.reasoning);
             }
             if job.tools
-                && let Ok(template) = &api.template
+                && let Ok(template) = &api.served.template
                 && let Ok(parsed) = template.parse_completion(pipe.raw(), job.thinking)
                 && !parsed.tool_calls.is_empty()
             {
@@ -161,7 +161,7 @@ async fn whole(
         "id": job.id,
         "object": object,
         "created": now(),
-        "model": api.model_name,
+        "model": api.served.model_name,
         "choices": [choice],
         "usage": usage(&job, &pipe),
     });
@@ -224,7 +224,7 @@ fn sse(v: &Value) -> Result<Bytes, Infallible> {
 fn stream(api: &HttpApi, job: Job, mut rx: mpsc::Receiver<Event>, mut pipe: Pipe) -> Response {
     let (tx, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let created = now();
-    let model = api.model_name.clone();
+    let model = api.served.model_name.clone();
     let object = match job.endpoint {
         Endpoint::Completion => "text_completion",
         Endpoint::Chat => "chat.completion.chunk",
