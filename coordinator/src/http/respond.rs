@@ -8,7 +8,7 @@
 
 use super::HttpApi;
 use super::error::ApiError;
-use super::pipe::{Piece, Pipe, TokenLogprob};
+use super::pipe::{Piece, Pipe, TokenLogprob, TokenText};
 use super::request::{Endpoint, Job};
 use crate::engine::{EngineError, Event, Submission};
 use axum::body::{Body, Bytes};
@@ -180,10 +180,10 @@ fn completion_logprobs(job: &Job, lps: &[TokenLogprob], offset: &mut usize) -> V
     let mut offsets = Vec::with_capacity(lps.len());
     for lp in lps {
         offsets.push(*offset);
-        *offset += lp.token.len();
+        *offset += lp.token.text.len();
     }
     json!({
-        "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+        "tokens": lps.iter().map(|l| l.token.text.as_str()).collect::<Vec<_>>(),
         "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
         "top_logprobs": if top == 0 {
             Value::Null
@@ -191,7 +191,7 @@ fn completion_logprobs(job: &Job, lps: &[TokenLogprob], offset: &mut usize) -> V
             lps.iter()
                 .map(|l| {
                     let m: serde_json::Map<String, Value> =
-                        l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect();
+                        l.top.iter().map(|(t, p)| (t.text.clone(), json!(p))).collect();
                     Value::Object(m)
                 })
                 .collect()
@@ -205,7 +205,7 @@ fn chat_logprobs(job: &Job, lps: &[TokenLogprob]) -> Value {
     if job.logprobs.is_none() {
         return Value::Null;
     }
-    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let entry = |token: &TokenText, logprob: f32| json!({"token": token.text, "logprob": logprob, "bytes": token.bytes});
     let content: Vec<Value> = lps
         .iter()
         .map(|l| {

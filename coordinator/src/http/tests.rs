@@ -165,3 +165,26 @@ fn pipe_hides_the_final_eos_and_keeps_everything_without_thinking() {
     // No logprobs in the chunks: none reported.
     assert!(out.logprobs.is_empty());
 }
+
+#[test]
+fn logprob_tokens_carry_their_raw_bytes() {
+    use fathom_proto::v1::{GeneratedLogprob, TokenLogprob as Alt};
+    let codec = codec();
+    // "é" is two byte tokens; each alone decodes to U+FFFD but keeps its byte.
+    let ids = codec.encode("é!").unwrap();
+    assert_eq!(ids.len(), 3);
+    let lp =
+        |id| GeneratedLogprob { logprob: -1.0, top: vec![Alt { token_id: id, logprob: -1.0 }] };
+    let chunk = GenerateChunk {
+        token_ids: ids.clone(),
+        logprobs: ids.iter().map(|&i| lp(i)).collect(),
+        ..Default::default()
+    };
+    let mut pipe = Pipe::new(Some(codec), vec![1], &[], "</think>", false, true);
+    let out = pipe.chunk(&chunk);
+    let bytes: Vec<Vec<u8>> = out.logprobs.iter().map(|l| l.token.bytes.clone()).collect();
+    assert_eq!(bytes, vec![vec![0xC3], vec![0xA9], vec![b'!']]);
+    assert_eq!(out.logprobs[2].token.text, "!");
+    assert_eq!(out.logprobs[0].top[0].0.bytes, vec![0xC3]);
+    assert_eq!(out.content, "é!");
+}
