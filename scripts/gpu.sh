@@ -7,7 +7,7 @@
 #   scripts/gpu.sh            # build + stage into /work/main/.device/cuda
 #   FATHOM_DEVICE_DIR=/path/dir scripts/gpu.sh   # stage elsewhere
 #
-# On the GPU machine, .device/cuda/run.sh [tests|bench|all] [bench flags...] sets LD_LIBRARY_PATH
+# On the GPU machine, .device/cuda/run.sh [tests|cli|bench|all] [bench flags...] sets LD_LIBRARY_PATH
 # (the CUDA wheels' nvidia/cu13/lib, plus a temp dir with a libnccl.so symlink), runs every test
 # binary with --nocapture, and FAILS if a test failed or printed "SKIP:" on a machine that has a
 # GPU (except "needs N GPUs" skips). Logs and bench tables go to $OUT.
@@ -17,8 +17,10 @@ dest="${FATHOM_DEVICE_DIR:-/work/main/.device/cuda}"
 
 echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
 json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
+json+=$'\n'$(cargo test -p fathom-kernels --test comm_nccl --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-worker --test 'cuda_model_*' --no-run --message-format=json 2>/dev/null)
 cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+cargo build -p fathom --bin fathom >&2
 
 rm -rf "$dest/bin"
 mkdir -p "$dest/bin"
@@ -36,10 +38,15 @@ for line in sys.stdin:
   echo "gpu.sh: staged $name" >&2
 done
 strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+strip --strip-all -o "$dest/bin/fathom" target/debug/fathom
+cp /work/shared/tools/hf_peer_layer.py "$dest/hf_peer_layer.py" 2>/dev/null \
+  || echo "gpu.sh: no /work/shared/tools/hf_peer_layer.py: the bench runs without the HF peer" >&2
 
 cat > "$dest/run.sh" <<'RUNNER'
 #!/usr/bin/env bash
-# Runner for the GPU machine (written by scripts/gpu.sh). Usage: run.sh [tests|bench|all] [bench flags]
+# Runner for the GPU machine (written by scripts/gpu.sh). Usage: run.sh [tests|cli|bench|all] [bench flags]
+# tests: every cuda_* and comm_* test binary; cli: `fathom generate --device cuda` vs `--device cpu`
+# (and the golden greedy ids) on every golden case; bench: fathom-gpu-bench.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 what="${1:-all}"; shift || true
@@ -64,7 +71,7 @@ echo "GPUs: $gpus"
 fail=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   : > "$OUT/tests.log"
-  for t in "$here"/bin/cuda_*; do
+  for t in "$here"/bin/cuda_* "$here"/bin/comm_*; do
     name=$(basename "$t")
     log=$(mktemp)
     "$t" --nocapture --test-threads=1 > "$log" 2>&1; rc=$?
@@ -79,10 +86,37 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     grep -E 'FAILED|panicked|rel err' "$log" | head -20
   done
 fi
+if [ "$what" = cli ] || [ "$what" = all ]; then
+  # fathom generate on the GPU must give the CPU's tokens (greedy: also the golden ids; seeded
+  # sampling: the same draws) on every golden case.
+  : > "$OUT/cli.log"
+  for c in "$FATHOM_GOLDEN_DIR"/*/; do
+    name=$(basename "$c")
+    ids=$(python3 -c 'import json,sys; g=json.load(open(sys.argv[1])); print(",".join(map(str,g["prompt_ids"]))+" "+",".join(map(str,g["greedy_ids"])))' "$c/golden.json")
+    prompt=${ids% *}; want=${ids#* }
+    for mode in "--temperature 0" "--temperature 0.8 --seed 7"; do
+      # shellcheck disable=SC2086
+      cpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 32 --ignore-eos $mode --device cpu 2>>"$OUT/cli.log")
+      # shellcheck disable=SC2086
+      gpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 32 --ignore-eos $mode --device cuda 2>>"$OUT/cli.log"); rc=$?
+      echo "$name [$mode]: rc=$rc cpu=$cpu gpu=$gpu" >> "$OUT/cli.log"
+      if [ "$rc" != 0 ] || [ -z "$gpu" ] || [ "$cpu" != "$gpu" ]; then echo "FAIL: generate $name [$mode]: cuda differs from cpu"; fail=1
+      else echo "generate $name [$mode]: cuda == cpu (32 tokens)"; fi
+      if [ "$mode" = "--temperature 0" ] && [ "$gpu" != "$want" ]; then echo "FAIL: generate $name: cuda greedy ids differ from golden"; fail=1; fi
+    done
+  done
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
   rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
   cat "$OUT/bench.log"
+  # Full-width layers (ours), then the HF transformers peer on the same GPU in the same run.
+  "$here/bin/cuda_model_bench" --ignored --nocapture --test-threads=1 > "$OUT/layer.log" 2>&1
+  rc=$?; echo "cuda_model_bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
+  grep -v '^BENCH' "$OUT/layer.log"
+  if [ -f "$here/hf_peer_layer.py" ]; then
+    PYTHONUNBUFFERED=1 python3 "$here/hf_peer_layer.py" --cases 1x4096,64x512,256x128 --json "$OUT/hf_peer.json" 2>&1 | tail -5
+  fi
 fi
 [ "$fail" = 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
 exit "$fail"

@@ -94,10 +94,11 @@ pub fn run(a: &Args) -> Result<()> {
         max_step_tokens: Some(8192),
         max_batch: Some(max_n),
         step_timeout_ms: Some(120_000),
+        metrics_listen: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async {
-        let mut c = start_coordinator(&cargs, std::future::pending()).await?;
+        let (mut c, _) = start_coordinator(&cargs, std::future::pending()).await?;
         wait_serving(&mut c, Duration::from_secs(120)).await?;
         let mut records = Vec::new();
         for &n in &a.sequences {

@@ -93,7 +93,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         router_skew_experts: a.router_skew_experts,
         tokenizer: !a.no_tokenizer,
     };
-    let report = synth_checkpoint(&cfg, &opts, &a.out)
+    let report = synth_with_progress(&cfg, &opts, &a.out)
         .with_context(|| format!("synth {} into {}", a.preset, a.out.display()))?;
     println!(
         "wrote {} tensors, {} in {} file(s) to {}",
@@ -103,6 +103,41 @@ fn synth(a: SynthArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// [`synth_checkpoint`] on a thread while this one shows the bytes written so far against the
+/// expected size (a bar on a TTY, periodic lines otherwise).
+fn synth_with_progress(
+    cfg: &ModelConfig,
+    opts: &SynthOptions,
+    out: &std::path::Path,
+) -> Result<fathom_worker::weights::synth::SynthReport, fathom_worker::weights::WeightsError> {
+    let expected = summarize_dry(cfg, String::new(), opts.dtype).total_bytes;
+    let mut progress =
+        crate::progress::Progress::new("synthesizing the checkpoint", expected, "bytes");
+    let written = |dir: &std::path::Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    std::thread::scope(|s| {
+        let job = s.spawn(|| synth_checkpoint(cfg, opts, out));
+        while !job.is_finished() {
+            progress.set(written(out));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let result = job.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        if result.is_ok() {
+            progress.finish();
+        }
+        result
+    })
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

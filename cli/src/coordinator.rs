@@ -15,7 +15,8 @@ use fathom_common::cluster::ClusterConfig;
 use fathom_coordinator::directory::{MembershipDirectory, StaticDirectory};
 use fathom_coordinator::engine::{ServingState, WorkerDirectory};
 use fathom_coordinator::membership::{EtcdMembership, EtcdOptions};
-use fathom_coordinator::server::{Coordinator, start};
+use fathom_coordinator::metrics::CoordinatorMetrics;
+use fathom_coordinator::server::{Coordinator, start_with_metrics};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +67,10 @@ pub struct CoordinatorArgs {
     /// `worker.step_deadline_s`).
     #[arg(long)]
     pub step_timeout_ms: Option<u64>,
+    /// Prometheus `/metrics` listen address (overrides `coordinator.metrics_listen`; empty:
+    /// off).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 impl CoordinatorArgs {
@@ -96,6 +101,9 @@ impl CoordinatorArgs {
         }
         if let Some(v) = self.max_batch {
             c.max_batch = v;
+        }
+        if let Some(v) = &self.metrics_listen {
+            c.metrics_listen = v.clone();
         }
         if let Some(v) = &self.model {
             cfg.model.path = v.clone();
@@ -137,17 +145,26 @@ impl CoordinatorArgs {
     }
 }
 
-/// Starts a coordinator in this runtime; `shutdown` stops its server.
+/// Starts a coordinator in this runtime; `shutdown` stops its server. Also returns the address
+/// `/metrics` is served on (`None`: metrics off).
 pub async fn start_coordinator(
     args: &CoordinatorArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Coordinator> {
+) -> Result<(Coordinator, Option<std::net::SocketAddr>)> {
     let cfg = args.resolve()?;
     let directory = args.directory(&cfg).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(CoordinatorMetrics::register(&registry)?);
+    let metrics_addr = match cfg.coordinator.metrics_listen.as_str() {
+        "" => None,
+        addr => Some(crate::telemetry::start_metrics(addr, registry).await?),
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.coordinator.listen)
         .await
         .with_context(|| format!("binding {}", cfg.coordinator.listen))?;
-    Ok(start(&cfg, directory, listener, args.step_timeout(&cfg), shutdown).await?)
+    let step_timeout = args.step_timeout(&cfg);
+    let c = start_with_metrics(&cfg, directory, listener, step_timeout, shutdown, metrics).await?;
+    Ok((c, metrics_addr))
 }
 
 /// Waits until the coordinator serves (or its server ends).
@@ -167,10 +184,13 @@ pub fn run(args: &CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (tx, mut rx) = tokio::sync::watch::channel(false);
-        let mut c = start_coordinator(args, async move {
+        let (mut c, metrics) = start_coordinator(args, async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await?;
+        if let Some(a) = metrics {
+            println!("fathom: metrics on http://{a}/metrics");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut announced = false;

@@ -63,6 +63,10 @@ pub struct GenerateArgs {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = fathom_worker::kv::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
+    /// `cpu` (the reference model) or `cuda[:N]` (the GPU model on GPU N, one rank; an f32
+    /// checkpoint runs in f32, others in bf16).
+    #[arg(long, default_value = "cpu")]
+    device: fathom_worker::model_cuda::DeviceChoice,
     /// --world-size, --tp, --comm (`generate_parallel.rs`).
     #[command(flatten)]
     parallel: crate::generate_parallel::ParallelArgs,
@@ -166,6 +170,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.ignore_eos {
         stop.extend(cfg.eos_ids());
     }
+    if let fathom_worker::model_cuda::DeviceChoice::Cuda(ordinal) = args.device {
+        if args.parallel.is_parallel() {
+            bail!("--device {}: the GPU model runs one rank (W = 1) for now", args.device);
+        }
+        if args.return_routed_experts {
+            bail!("--return-routed-experts: not available with --device {}", args.device);
+        }
+        let keep = args.logits_topk.is_some() || args.return_logprobs;
+        let (generated, finish, logits) = generate_cuda(
+            ordinal,
+            src,
+            cfg,
+            &prompt_ids,
+            &stop,
+            &sampling,
+            args.max_new_tokens,
+            keep,
+        )?;
+        return emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &logits, Vec::new());
+    }
     if args.parallel.is_parallel() {
         let job = crate::generate_parallel::Job {
             prompt_ids: prompt_ids.clone(),
@@ -221,6 +245,57 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &step_logits, routed)
+}
+
+/// Generated ids, the finish reason and the kept logits rows (one per generated token).
+type Generated = (Vec<u32>, &'static str, Vec<Vec<f32>>);
+
+/// The generation loop on one GPU (`--device cuda[:N]`): the prompt in one prefill, then one
+/// token per step, sampled exactly as on the CPU. CUDA libraries come from the loader's path
+/// plus `FATHOM_CUDA_LIB_DIRS`; compiled kernels are cached in `~/.cache/fathom/kernels`.
+#[allow(clippy::too_many_arguments)]
+fn generate_cuda(
+    ordinal: usize,
+    src: CheckpointReader,
+    cfg: fathom_common::ModelConfig,
+    prompt_ids: &[u32],
+    stop: &BTreeSet<u32>,
+    sampling: &SamplingParams,
+    max_new_tokens: usize,
+    keep_logits: bool,
+) -> Result<Generated> {
+    use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, open_gpu, precision_for};
+    let lib_dirs: Vec<PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    let cache_dir =
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fathom/kernels"));
+    let dev = open_gpu(ordinal, lib_dirs, cache_dir.clone())?;
+    let kc = cache_dir.map(fathom_kernels::cuda::KernelCache::new);
+    let prec = precision_for(&src);
+    let fed = prompt_ids.len() + max_new_tokens.saturating_sub(1);
+    let max_ctx = fed.max(cfg.index_topk).min(cfg.max_position_embeddings);
+    let model = CudaModel::load_with(dev, &src, cfg, kc.as_ref(), prec)?;
+    drop(src);
+    let mut cache = model.new_cache(1, max_ctx)?;
+    let opts = ForwardOptions { logits: LogitsMode::LastPerSeq, ..Default::default() };
+    let (mut tokens, mut generated, mut kept) = (prompt_ids.to_vec(), Vec::new(), Vec::new());
+    let mut pos = 0;
+    while generated.len() < max_new_tokens {
+        let seq = CudaSeqInput { tokens: &tokens[pos..], start_pos: pos, slot: 0 };
+        let out = model.forward(&[seq], &mut cache, &opts)?;
+        pos = tokens.len();
+        let next = sample(&out.logits, sampling, generated.len() as u64)?.token;
+        if keep_logits {
+            kept.push(out.logits);
+        }
+        generated.push(next);
+        tokens.push(next);
+        if stop.contains(&next) {
+            return Ok((generated, "stop", kept));
+        }
+    }
+    Ok((generated, "length", kept))
 }
 
 /// Prints the result (JSON, text, or ids). `step_logits[i]` is the distribution that produced

@@ -12,6 +12,8 @@ mod client;
 mod coordinator;
 mod generate;
 mod generate_parallel;
+mod progress;
+mod telemetry;
 mod up;
 mod worker;
 
@@ -21,6 +23,8 @@ mod worker;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    telemetry: telemetry::TelemetryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,9 +76,20 @@ fn main() {
         }
         Err(e) => e.exit(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FATHOM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let env = telemetry::TelemetryEnv::from_vars(|k| std::env::var(k).ok());
+    let service = match &cli.command {
+        Command::Coordinator(_) | Command::Up(_) => "fathom-coordinator",
+        Command::Worker(_) => "fathom-worker",
+        _ => "fathom",
+    };
+    let guard = match telemetry::init(&cli.telemetry, &env, service) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("fathom: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let tel = &cli.telemetry;
     let result: anyhow::Result<()> = match cli.command {
         Command::Version => {
             println!("fathom {}", env!("CARGO_PKG_VERSION"));
@@ -84,10 +99,11 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Rank(args) => generate_parallel::run_rank_cmd(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c)),
+        Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c, tel)),
         Command::Coordinator(a) => coordinator::run(&a),
         Command::Worker(a) => worker::run(&a),
     };
+    drop(guard); // flushes exported spans before the process exits
     if let Err(e) = result {
         // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are
         // not repeated.

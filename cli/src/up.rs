@@ -17,6 +17,7 @@
 
 use crate::client::{GenerateArgs, generate_remote};
 use crate::coordinator::{CoordinatorArgs, start_coordinator, wait_serving};
+use crate::telemetry::TelemetryArgs;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fathom_common::ModelConfig;
@@ -75,6 +76,10 @@ pub struct UpArgs {
     /// How long to wait for the workers to load and the cluster to serve.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout_s: u64,
+    /// The coordinator's Prometheus `/metrics` address (port 0: any free port; empty: off).
+    /// Each worker serves its own on a free port, printed on stderr.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_listen: String,
 }
 
 /// Every child process; killed and reaped on drop.
@@ -142,7 +147,7 @@ fn model_dir(args: &UpArgs, cache: &Path) -> Result<PathBuf> {
 }
 
 /// `fathom up`. `cache` is the resolved cache directory.
-pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
+pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()> {
     if args.workers == 0 || args.tp == 0 || args.workers % args.tp != 0 {
         bail!("--tp {} must divide --workers {} (both >= 1)", args.tp, args.workers);
     }
@@ -191,6 +196,9 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
             .arg(&addr)
             .arg("--advertise")
             .arg(&addr)
+            .arg("--metrics-listen")
+            .arg(if args.metrics_listen.is_empty() { "" } else { "127.0.0.1:0" })
+            .args(telemetry.child_args())
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("spawning worker {id}"))?;
@@ -214,6 +222,7 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
         max_step_tokens: None,
         max_batch: None,
         step_timeout_ms: None,
+        metrics_listen: Some(args.metrics_listen.clone()),
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(serve(args, &coord_args, &mut children, &worker_addrs));
@@ -230,10 +239,13 @@ async fn serve(
     _workers: &[String],
 ) -> Result<()> {
     let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let mut c = start_coordinator(coord_args, async move {
+    let (mut c, metrics) = start_coordinator(coord_args, async move {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await?;
+    if let Some(a) = metrics {
+        println!("fathom: metrics on http://{a}/metrics");
+    }
     let ready = Duration::from_secs(args.ready_timeout_s);
     let started = Instant::now();
     tokio::select! {

@@ -13,6 +13,7 @@ use fathom_coordinator::membership::{
 };
 use fathom_proto::v1::worker_server::WorkerServer;
 use fathom_worker::executor::DefaultFactory;
+use fathom_worker::metrics::WorkerMetrics;
 use fathom_worker::service::WorkerService;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub struct WorkerArgs {
     /// `cpu` or `cuda[:N]` (overrides `worker.device`).
     #[arg(long)]
     pub device: Option<String>,
+    /// Prometheus `/metrics` listen address (overrides `worker.metrics_listen`; empty: off).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Registers in etcd membership when the config names endpoints (lease kept alive until the
@@ -90,24 +94,54 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     if let Some(a) = &args.advertise {
         cfg.worker.advertise = Some(a.clone());
     }
-    cfg.validate()?;
-    if cfg.worker.device != "cpu" {
-        bail!("device {:?}: this build runs workers on cpu only", cfg.worker.device);
+    if let Some(m) = &args.metrics_listen {
+        cfg.worker.metrics_listen = m.clone();
     }
+    cfg.validate()?;
+    let factory = executor_factory(&cfg.worker.device)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(serve(cfg, args.id.clone()));
+    let result = rt.block_on(serve(cfg, args.id.clone(), factory));
     // A step still running on a blocking thread must not hold the exit.
     rt.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
 
-async fn serve(cfg: ClusterConfig, id: String) -> Result<()> {
+/// `cpu`: the reference executors ([`DefaultFactory`]); `cuda[:N]`: the GPU executor on GPU N
+/// (opened now, so a machine without a driver fails at start in one line).
+fn executor_factory(device: &str) -> Result<Arc<dyn fathom_worker::executor::ExecutorFactory>> {
+    use fathom_worker::model_cuda::{DeviceChoice, executor::CudaFactory, open_gpu};
+    match device.parse::<DeviceChoice>().map_err(|e| anyhow::anyhow!(e))? {
+        DeviceChoice::Cpu => Ok(Arc::new(DefaultFactory)),
+        DeviceChoice::Cuda(n) => {
+            let lib_dirs: Vec<PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
+                .map(|v| std::env::split_paths(&v).collect())
+                .unwrap_or_default();
+            let cache =
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fathom/kernels"));
+            let dev = open_gpu(n, lib_dirs, cache.clone())?;
+            let kc = cache.map(fathom_kernels::cuda::KernelCache::new);
+            Ok(Arc::new(CudaFactory::new(dev, kc)))
+        }
+    }
+}
+
+async fn serve(
+    cfg: ClusterConfig,
+    id: String,
+    factory: Arc<dyn fathom_worker::executor::ExecutorFactory>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.worker.listen)
         .await
         .with_context(|| format!("binding {}", cfg.worker.listen))?;
     let addr = listener.local_addr()?;
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(WorkerMetrics::register(&registry)?);
+    if !cfg.worker.metrics_listen.is_empty() {
+        let a = crate::telemetry::start_metrics(&cfg.worker.metrics_listen, registry).await?;
+        eprintln!("fathom: worker {id} metrics on http://{a}/metrics");
+    }
     let service =
-        WorkerService::new(id.clone(), cfg.worker.device.clone(), Arc::new(DefaultFactory));
+        WorkerService::new(id.clone(), cfg.worker.device.clone(), factory).with_metrics(metrics);
     let mut stop = service.shutdown_signal();
     eprintln!("fathom: worker {id} listening on {addr}");
     let registration = register(&cfg, &id, addr).await?;

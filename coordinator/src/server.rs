@@ -10,7 +10,10 @@
 use crate::api::admin::AdminApi;
 use crate::api::inference::InferenceApi;
 use crate::engine::detok::TextCodec;
-use crate::engine::{EngineConfig, EngineHandle, ServingState, WorkerDirectory, spawn_engine};
+use crate::engine::{
+    EngineConfig, EngineHandle, ServingState, WorkerDirectory, spawn_engine_with_metrics,
+};
+use crate::metrics::CoordinatorMetrics;
 use fathom_common::ModelConfig;
 use fathom_common::cluster::ClusterConfig;
 use fathom_proto::v1::admin_server::AdminServer;
@@ -52,13 +55,26 @@ pub struct Coordinator {
 }
 
 /// Starts the engine and the gRPC server on `listener`; the server stops when `shutdown`
-/// completes.
+/// completes. The engine's metrics are registered nowhere (see [`start_with_metrics`]).
 pub async fn start(
     cfg: &ClusterConfig,
     directory: Arc<dyn WorkerDirectory>,
     listener: TcpListener,
     step_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Coordinator, ServerError> {
+    let metrics = Arc::new(CoordinatorMetrics::detached());
+    start_with_metrics(cfg, directory, listener, step_timeout, shutdown, metrics).await
+}
+
+/// [`start`] with the engine updating `metrics` (registered by the caller, who serves them).
+pub async fn start_with_metrics(
+    cfg: &ClusterConfig,
+    directory: Arc<dyn WorkerDirectory>,
+    listener: TcpListener,
+    step_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    metrics: Arc<CoordinatorMetrics>,
 ) -> Result<Coordinator, ServerError> {
     let model_dir = &cfg.model.path;
     let model = ModelConfig::from_file(&model_dir.join("config.json"))
@@ -81,7 +97,8 @@ pub async fn start(
         eos_ids: model.eos_ids(),
         cluster: cfg.cluster.clone(),
     };
-    let (engine, state) = spawn_engine(engine_cfg, model.clone(), codec.clone(), directory);
+    let (engine, state) =
+        spawn_engine_with_metrics(engine_cfg, model.clone(), codec.clone(), directory, metrics);
     let shutdown = shutdown.shared();
     let http_addr = if c.http_listen.is_empty() {
         None

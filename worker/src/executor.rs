@@ -75,6 +75,33 @@ pub trait Executor: Send + std::fmt::Debug {
 
     /// Bytes of weights this rank holds (reported in `PrepareEpochResponse`).
     fn weight_bytes(&self) -> u64;
+
+    /// What the last [`execute`](Self::execute) measured (phase times, expert routing counts);
+    /// taken once per step by the service for its metrics. Default: nothing measured.
+    fn take_report(&mut self) -> crate::metrics::StepReport {
+        crate::metrics::StepReport::default()
+    }
+}
+
+/// [`forward_options`] with routing always recorded, for the expert token counters (the
+/// sequences' own `routed_experts` outputs still follow their `SeqOutputs`).
+pub(crate) fn forward_options_counting(seqs: &[SeqStep]) -> ForwardOptions {
+    // Identical on every rank of a group (same sequences), as the routing gather requires.
+    ForwardOptions { record_routing: !seqs.is_empty(), ..forward_options(seqs) }
+}
+
+/// The expert tally of one forward's recorded routing (`None` for a model without MoE layers).
+pub(crate) fn expert_tally(
+    cfg: &ModelConfig,
+    out: &ForwardOutput,
+) -> Option<crate::metrics::ExpertTally> {
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+    if layers.is_empty() || cfg.n_routed_experts == 0 {
+        return None;
+    }
+    let mut t = crate::metrics::ExpertTally::new(layers, cfg.n_routed_experts);
+    t.add_routing(&out.routed_experts);
+    Some(t)
 }
 
 /// Builds the executor of an epoch: loads this rank's shard, takes ownership of its collectives.
@@ -128,6 +155,7 @@ pub(crate) fn seq_results(
     seqs: &[SeqStep],
     out: &ForwardOutput,
     cfg: &ModelConfig,
+    carry: &mut routing::RoutingCarry,
 ) -> Result<Vec<SeqResult>, ExecError> {
     let fail = |reason: String| ExecError::Step { step_id, reason };
     let vocab = cfg.vocab_size;
@@ -146,14 +174,21 @@ pub(crate) fn seq_results(
     for (i, s) in seqs.iter().enumerate() {
         let rows = row0..row0 + s.token_ids.len();
         row0 = rows.end;
+        let o = s.outputs.unwrap_or_default();
+        let routed = (o.routed_experts && !out.routed_experts.is_empty()).then(|| {
+            pack_routing(s, &out.routed_experts[rows.clone()], moe_layers, top_k, bytes_per_id)
+        });
         if !s.sample {
+            // A non-final prefill chunk: its rows go out with the sequence's next sample.
+            if let Some(r) = routed {
+                carry.stash(s.seq_id, r);
+            }
             continue;
         }
         let logits = &out.logits[i * vocab..(i + 1) * vocab];
         let p = params(s);
         let picked = sampling::sample(logits, &p, s.generated as u64)
             .map_err(|e| fail(format!("sequence {}: {e}", s.seq_id)))?;
-        let o = s.outputs.unwrap_or_default();
         let mut r = SeqResult { seq_id: s.seq_id, token_id: picked.token, ..Default::default() };
         if o.logprobs {
             r.logprob = Some(GeneratedLogprob {
@@ -183,31 +218,37 @@ pub(crate) fn seq_results(
                     .collect(),
             });
         }
-        if o.routed_experts && !out.routed_experts.is_empty() {
-            let mut ids = Vec::new();
-            for row in rows.clone() {
-                for layer in &out.routed_experts[row] {
-                    for &e in layer {
-                        if bytes_per_id == 1 {
-                            ids.push(e as u8);
-                        } else {
-                            ids.extend_from_slice(&(e as u16).to_le_bytes());
-                        }
-                    }
-                }
-            }
-            r.routed_experts = Some(RoutedExperts {
-                start_position: s.start_position,
-                positions: s.token_ids.len() as u32,
-                moe_layers,
-                top_k,
-                bytes_per_id,
-                ids,
-            });
-        }
+        r.routed_experts = routed.map(|rows| carry.take(s.seq_id, rows));
         results.push(r);
     }
     Ok(results)
+}
+
+/// Packs `rows` (`[positions][moe_layers][top_k]`, this step's rows of `s`) as
+/// [`RoutedExperts`] (u8 ids, or u16 little-endian above 256 experts).
+fn pack_routing(
+    s: &SeqStep,
+    rows: &[Vec<Vec<u32>>],
+    moe_layers: u32,
+    top_k: u32,
+    bytes_per_id: u32,
+) -> RoutedExperts {
+    let mut ids = Vec::with_capacity(rows.len() * (moe_layers * top_k * bytes_per_id) as usize);
+    for &e in rows.iter().flatten().flatten() {
+        if bytes_per_id == 1 {
+            ids.push(e as u8);
+        } else {
+            ids.extend_from_slice(&(e as u16).to_le_bytes());
+        }
+    }
+    RoutedExperts {
+        start_position: s.start_position,
+        positions: rows.len() as u32,
+        moe_layers,
+        top_k,
+        bytes_per_id,
+        ids,
+    }
 }
 
 /// Picks the executor by world size: [`single::SingleRankFactory`] for W = 1,
@@ -225,16 +266,30 @@ impl ExecutorFactory for DefaultFactory {
     }
 }
 
+pub mod progress;
+pub mod routing;
 pub mod sharded;
+
+/// Values of the main model's tensors (MTP layers and FP8 scales excluded): the weight-loading
+/// progress total of a whole-model load.
+pub(crate) fn main_model_values(cfg: &ModelConfig) -> u64 {
+    fathom_common::tensors::checkpoint_tensors(cfg)
+        .iter()
+        .filter(|t| !t.is_mtp(cfg))
+        .map(|t| t.numel() as u64)
+        .sum()
+}
 
 /// The single-rank executor over the reference model (W = 1): the whole model on this rank.
 pub mod single {
     use super::{EpochContext, ExecError, Executor, ExecutorFactory};
     use crate::kv::PagedKvCache;
+    use crate::metrics::StepReport;
     use crate::model::{Model, ShardSpec};
     use crate::weights::CheckpointReader;
     use fathom_proto::v1::{SeqResult, StepRequest};
     use std::path::Path;
+    use std::time::Instant;
 
     /// Loads the whole checkpoint named by the plan (`plan.model_path`).
     #[derive(Debug, Default)]
@@ -252,8 +307,14 @@ pub mod single {
             let reader = CheckpointReader::open(Path::new(&plan.model_path))
                 .map_err(|e| ExecError::Load(e.to_string()))?;
             let cfg = reader.config().clone();
-            let model = Model::load(&reader, cfg.clone(), ShardSpec::full(&cfg))
+            let progress = super::progress::ProgressSource::new(
+                &reader,
+                "loading weights",
+                super::main_model_values(&cfg),
+            );
+            let model = Model::load(&progress, cfg.clone(), ShardSpec::full(&cfg))
                 .map_err(|e| ExecError::Load(e.to_string()))?;
+            progress.finish();
             let cache = model
                 .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
                 .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
@@ -267,7 +328,13 @@ pub mod single {
                         .sum()
                 })
                 .unwrap_or(0);
-            Ok(Box::new(SingleRankExecutor { model, cache, weight_bytes }))
+            Ok(Box::new(SingleRankExecutor {
+                model,
+                cache,
+                weight_bytes,
+                report: StepReport::default(),
+                carry: Default::default(),
+            }))
         }
     }
 
@@ -277,26 +344,46 @@ pub mod single {
         model: Model,
         cache: PagedKvCache,
         weight_bytes: u64,
+        report: StepReport,
+        carry: super::routing::RoutingCarry,
     }
 
     impl Executor for SingleRankExecutor {
         fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
             let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
             let Some(group) = step.groups.first() else { return Ok(Vec::new()) };
+            self.carry.release(&group.released_seq_ids);
             if group.seqs.is_empty() {
                 return Ok(Vec::new());
             }
             let inputs = super::seq_inputs(&group.seqs);
-            let opts = super::forward_options(&group.seqs);
-            let out = self
-                .model
-                .forward(&inputs, &mut self.cache, &opts)
+            let opts = super::forward_options_counting(&group.seqs);
+            let t0 = Instant::now();
+            let out = tracing::trace_span!("forward", tokens = inputs.len())
+                .in_scope(|| self.model.forward(&inputs, &mut self.cache, &opts))
                 .map_err(|e| fail(e.to_string()))?;
-            super::seq_results(step.step_id, &group.seqs, &out, self.model.config())
+            self.report.forward = Some(t0.elapsed());
+            self.report.experts = super::expert_tally(self.model.config(), &out);
+            let t1 = Instant::now();
+            let results = tracing::trace_span!("sample").in_scope(|| {
+                super::seq_results(
+                    step.step_id,
+                    &group.seqs,
+                    &out,
+                    self.model.config(),
+                    &mut self.carry,
+                )
+            });
+            self.report.sample = Some(t1.elapsed());
+            results
         }
 
         fn weight_bytes(&self) -> u64 {
             self.weight_bytes
+        }
+
+        fn take_report(&mut self) -> StepReport {
+            std::mem::take(&mut self.report)
         }
     }
 }

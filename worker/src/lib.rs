@@ -10,9 +10,11 @@
 
 pub mod executor;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod model_cuda;
 pub mod parallel;
 pub mod sampling;
 pub mod service;
+pub mod telemetry;
 pub mod weights;

@@ -13,6 +13,7 @@
 //! command), the model math (`executor`).
 
 use crate::executor::{EpochContext, ExecError, Executor, ExecutorFactory};
+use crate::metrics::WorkerMetrics;
 use fathom_kernels::comm::{Collective, CommOptions, TcpComm};
 use fathom_proto::v1::worker_server::Worker;
 use fathom_proto::v1::{
@@ -27,6 +28,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Mutable state of the worker, behind one lock (never held across an await or a step).
 #[derive(Debug)]
@@ -50,6 +52,7 @@ pub struct WorkerService {
     /// Whether the membership lease is held (set by whoever registered the worker; stays false
     /// without a membership store).
     lease_held: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -68,7 +71,15 @@ impl WorkerService {
             })),
             shutdown: watch::channel(false).0,
             lease_held: Arc::default(),
+            metrics: Arc::new(WorkerMetrics::detached()),
         }
+    }
+
+    /// Updates `metrics` (registered by the caller, who serves them) instead of unregistered
+    /// ones.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The flag reported as `WorkerHealthResponse.lease_held`.
@@ -91,6 +102,7 @@ fn run_step(
     inner: &Mutex<Inner>,
     step: &StepRequest,
     rank: u32,
+    metrics: &WorkerMetrics,
 ) -> Result<Vec<fathom_proto::v1::SeqResult>, String> {
     let executor = {
         let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -111,7 +123,10 @@ fn run_step(
     };
     let _ = rank;
     let mut ex = executor.lock().unwrap_or_else(|p| p.into_inner());
-    ex.execute(step).map_err(|e| e.to_string())
+    let started = Instant::now();
+    let result = ex.execute(step).map_err(|e| e.to_string());
+    metrics.observe_step(started.elapsed(), &ex.take_report());
+    result
 }
 
 type BoxedComm = Box<dyn Collective>;
@@ -154,8 +169,15 @@ impl Worker for WorkerService {
         &self,
         request: Request<PrepareEpochRequest>,
     ) -> Result<Response<PrepareEpochResponse>, Status> {
+        let span = tracing::info_span!(
+            "prepare_epoch",
+            epoch = tracing::field::Empty,
+            rank = request.get_ref().rank
+        );
+        crate::telemetry::parent_from_metadata(&span, request.metadata());
         let req = request.into_inner();
         let plan = req.plan.ok_or_else(|| Status::invalid_argument("plan is missing"))?;
+        span.record("epoch", plan.epoch);
         let rank = req.rank;
         let entry = plan.ranks.iter().find(|r| r.rank == rank).ok_or_else(|| {
             Status::failed_precondition(format!("rank {rank} is not in the plan"))
@@ -205,7 +227,9 @@ impl Worker for WorkerService {
             Some(rendezvous::Kind::TcpAddress(a)) => Some(a),
             _ => None,
         };
+        let load_span = span.clone();
         let built = tokio::task::spawn_blocking(move || {
+            let _in_span = load_span.enter();
             let comm_started = Instant::now();
             let (world, group) = if plan.world_size > 1 {
                 let (w, g) = join_collectives(&plan, rank, rendezvous.as_deref())?;
@@ -217,6 +241,7 @@ impl Worker for WorkerService {
             let ctx = EpochContext { plan, rank, world, group };
             factory.prepare(ctx).map(|ex| (ex, comm_ms))
         })
+        .instrument(span.clone())
         .await
         .map_err(|e| Status::internal(format!("prepare task: {e}")))?;
         let load_ms = started.elapsed().as_millis() as u64;
@@ -230,7 +255,8 @@ impl Worker for WorkerService {
                 g.executor = Some(Arc::new(Mutex::new(ex)));
                 g.state = WorkerState::Ready;
                 g.detail = format!("ready for epoch {epoch} as rank {rank}");
-                tracing::info!(epoch, rank, load_ms, weight_bytes, "epoch prepared");
+                self.metrics.set_epoch(epoch, true);
+                tracing::info!(parent: &span, epoch, rank, load_ms, weight_bytes, "epoch prepared");
                 Ok(Response::new(PrepareEpochResponse {
                     epoch,
                     rank,
@@ -241,6 +267,7 @@ impl Worker for WorkerService {
                 }))
             }
             Err(e) => {
+                self.metrics.set_epoch(epoch, false);
                 g.state = WorkerState::Failed;
                 g.detail = e.to_string();
                 Err(Status::failed_precondition(format!("preparing epoch {epoch}: {e}")))
@@ -257,6 +284,7 @@ impl Worker for WorkerService {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<StepEvent, Status>>(16);
         let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
         let rank = self.lock().rank.unwrap_or(0);
         tokio::spawn(async move {
             while let Some(msg) = incoming.next().await {
@@ -267,8 +295,13 @@ impl Worker for WorkerService {
                 let started = Instant::now();
                 let inner2 = inner.clone();
                 let (epoch, step_id) = (step.epoch, step.step_id);
-                let outcome =
-                    tokio::task::spawn_blocking(move || run_step(&inner2, &step, rank)).await;
+                let span = tracing::debug_span!("step", epoch, step_id, rank);
+                crate::telemetry::parent_from_carrier(&span, &step.trace_context);
+                let metrics = metrics.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| run_step(&inner2, &step, rank, &metrics))
+                })
+                .await;
                 let mut result = StepResult {
                     epoch,
                     step_id,
@@ -314,6 +347,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<ShutdownResponse>, Status> {
         let reason = request.into_inner().reason;
         tracing::info!(%reason, "shutdown requested");
+        self.metrics.set_down();
         {
             let mut g = self.lock();
             g.state = WorkerState::Stopping;

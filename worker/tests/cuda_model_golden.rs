@@ -1,7 +1,14 @@
 //! The GPU forward (`fathom_worker::model_cuda`) on every golden case against the CPU reference
 //! model (`fathom_worker::model`, itself checked against HF at 1e-4 by `model_golden.rs`).
 //!
-//! Per case:
+//! The fixtures are f32 checkpoints, so the GPU model runs them at their own precision
+//! (`Precision::F32`), as the CPU reference and HF do; the bounds below are asserted on that run.
+//! The bf16 forward (`Precision::Bf16`, bf16 weights) is also run one-shot on every case and its
+//! numbers are printed as a measurement, not asserted: the fixtures' router and indexer margins
+//! go down to 1e-4 while bf16 weights put ~3e-3 relative noise into the residual stream, so some
+//! discrete choices differ from the f32 reference by construction (docs/perf/gpu-model.md).
+//!
+//! Per case (f32):
 //! - teacher-forced logits (one shot, all rows): per row `max|gpu − cpu| / max|cpu| ≤ TOL_BF16`,
 //!   top-1 agreement ≥ 99 % of rows;
 //! - the cached path (prompt in one prefill, then one token per decode step): the same bounds;
@@ -21,7 +28,7 @@ use fathom_kernels::cuda::{
     CudaDevice, CudaError, CudaLib, DeviceOptions, compile_cubin, preload_libraries,
 };
 use fathom_worker::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
-use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, GLUE};
+use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, GLUE, Precision};
 use fathom_worker::weights::MemorySource;
 use safetensors::{Dtype, SafeTensors};
 use std::io::Write;
@@ -191,7 +198,7 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let src = read_source(&dir.join("model.safetensors"));
         let cpu = Model::load(&src, cfg.clone(), ShardSpec::full(&cfg)).unwrap();
-        let gpu = CudaModel::load(dev.clone(), &src, cfg.clone(), None)
+        let gpu = CudaModel::load_with(dev.clone(), &src, cfg.clone(), None, Precision::F32)
             .unwrap_or_else(|e| panic!("{name}: loading the GPU model: {e}"));
         let golden: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
@@ -228,6 +235,20 @@ fn gpu_forward_matches_cpu_on_golden_cases() {
             );
         }
         check(&name, "teacher-forced one shot", &got, &want, v, &mut fails);
+
+        // bf16 measurement (printed, not asserted: see the module doc).
+        let gb = CudaModel::load_with(dev.clone(), &src, cfg.clone(), None, Precision::Bf16)
+            .unwrap_or_else(|e| panic!("{name}: loading the bf16 GPU model: {e}"));
+        let mut bcache = gb.new_cache(1, max_ctx).unwrap();
+        let seq = CudaSeqInput { tokens: &tf, start_pos: 0, slot: 0 };
+        let bout = gb.forward(&[seq], &mut bcache, &all).unwrap();
+        let (berr, btop1) = compare(&bout.logits, &want, v);
+        eprintln!(
+            "{name}: bf16 measurement (not asserted): one shot max row rel err {berr:.3e}, \
+             top-1 agreement {:.1}%",
+            btop1 * 100.0
+        );
+        drop((gb, bcache));
 
         // GPU cached: prompt prefill, then one token per step (slot 1: a fresh region).
         let mut cached = Vec::new();

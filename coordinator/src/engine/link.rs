@@ -114,7 +114,12 @@ impl WorkerLink {
     ) -> Result<PrepareEpochResponse, LinkError> {
         let rendezvous =
             rendezvous.map(|a| Rendezvous { kind: Some(rendezvous::Kind::TcpAddress(a)) });
-        let req = PrepareEpochRequest { plan: Some(plan), rank: self.rank, rendezvous };
+        let mut req = tonic::Request::new(PrepareEpochRequest {
+            plan: Some(plan),
+            rank: self.rank,
+            rendezvous,
+        });
+        crate::telemetry::inject_metadata(&tracing::Span::current(), &mut req);
         match tokio::time::timeout(timeout, self.client.prepare_epoch(req)).await {
             Err(_) => Err(self.err(format!("PrepareEpoch timed out after {timeout:?}"))),
             Ok(Err(s)) => Err(self.err(format!("PrepareEpoch: {}", s.message()))),
@@ -125,7 +130,9 @@ impl WorkerLink {
     /// Opens the step stream.
     pub async fn open_steps(&mut self, timeout: Duration) -> Result<(), LinkError> {
         let (tx, rx) = mpsc::channel::<StepRequest>(4);
-        let call = self.client.step(ReceiverStream::new(rx));
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        crate::telemetry::inject_metadata(&tracing::Span::current(), &mut req);
+        let call = self.client.step(req);
         let stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => return Err(self.err("opening the step stream timed out")),
             Ok(Err(s)) => return Err(self.err(format!("step stream: {}", s.message()))),

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-pub use run::{WorkerDirectory, spawn_engine};
+pub use run::{WorkerDirectory, spawn_engine, spawn_engine_with_metrics};
 
 /// Why a request failed (mapped to a gRPC status in `api/status.rs` only).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -13,7 +13,9 @@ use super::{
     EngineConfig, EngineError, EngineHandle, Event, GroupUsage, RankStatus, ServingState,
     StatusSnapshot, StepStats, Submission,
 };
+use crate::metrics::{CoordinatorMetrics, status};
 use crate::planner::{Member, PlanInputs, form_plan};
+use crate::telemetry::{RequestTrace, step_span, trace_context};
 use crate::text::{IncrementalDecoder, SpecialTokenMode};
 use fathom_common::ModelConfig;
 use fathom_proto::v1::{
@@ -25,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 /// Where the engine learns which workers are live.
 pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
@@ -60,6 +63,8 @@ struct Tag {
     detok: Option<IncrementalDecoder>,
     return_prompt_ids: bool,
     stop_ids: Vec<u32>,
+    /// Spans and metrics of the request (no prompt text).
+    trace: RequestTrace,
 }
 
 type S = GroupSched<Tag>;
@@ -80,15 +85,29 @@ struct Engine {
     burned_epoch: u64,
     step_id: u64,
     next_seq: u64,
+    metrics: Arc<CoordinatorMetrics>,
 }
 
 /// Starts the engine task. Returns the clients' handle and a receiver of the serving state
-/// (for health reporting).
+/// (for health reporting). Its metrics are registered nowhere
+/// (see [`spawn_engine_with_metrics`]).
 pub fn spawn_engine(
     cfg: EngineConfig,
     model: ModelConfig,
     codec: Option<TextCodec>,
     directory: Arc<dyn WorkerDirectory>,
+) -> (EngineHandle, watch::Receiver<ServingState>) {
+    let metrics = Arc::new(CoordinatorMetrics::detached());
+    spawn_engine_with_metrics(cfg, model, codec, directory, metrics)
+}
+
+/// [`spawn_engine`] updating `metrics` (registered by the caller in its registry).
+pub fn spawn_engine_with_metrics(
+    cfg: EngineConfig,
+    model: ModelConfig,
+    codec: Option<TextCodec>,
+    directory: Arc<dyn WorkerDirectory>,
+    metrics: Arc<CoordinatorMetrics>,
 ) -> (EngineHandle, watch::Receiver<ServingState>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
@@ -137,6 +156,7 @@ pub fn spawn_engine(
         burned_epoch: 0,
         step_id: 0,
         next_seq: 1,
+        metrics,
     };
     tokio::spawn(engine.run());
     (handle, state_rx)
@@ -174,10 +194,12 @@ impl Engine {
                 Ok(()) => return, // all handles dropped: shutting down
                 Err(e) => {
                     tracing::warn!(epoch = self.epoch, "epoch failed: {e}");
+                    self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
                     for g in &mut self.groups {
-                        for s in g.drain_all() {
+                        for mut s in g.drain_all() {
+                            s.tag.trace.finish(status::UNAVAILABLE);
                             let _ = s
                                 .tag
                                 .tx
@@ -196,10 +218,12 @@ impl Engine {
     fn fail_queued(&mut self, why: &str) {
         while let Ok(sub) = self.rx.try_recv() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.request_ended(status::UNAVAILABLE);
             let _ = sub.tx.try_send(Event::Error(EngineError::Unavailable(why.to_string())));
         }
         for g in &mut self.groups {
-            while let Some(s) = g.waiting.pop_front() {
+            while let Some(mut s) = g.waiting.pop_front() {
+                s.tag.trace.finish(status::UNAVAILABLE);
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 let _ = s.tag.tx.try_send(Event::Error(EngineError::Unavailable(why.into())));
             }
@@ -241,9 +265,12 @@ impl Engine {
         // The first failure ends the attempt at once (rank 0 may be blocked in the rendezvous
         // waiting for a rank that failed); a W > 1 epoch number is never reused, so a stale
         // preparation still running on a worker is superseded by the next attempt's epoch.
+        let span =
+            tracing::info_span!("prepare_epoch", epoch = plan.epoch, world = plan.world_size);
         let prepared = futures::future::try_join_all(
             links.iter_mut().map(|l| l.prepare(plan.clone(), rendezvous.clone(), PREPARE_TIMEOUT)),
         )
+        .instrument(span.clone())
         .await;
         if let Err(e) = prepared {
             if plan.world_size > 1 {
@@ -252,7 +279,10 @@ impl Engine {
             return Err(e.to_string());
         }
         for l in &mut links {
-            l.open_steps(CONNECT_TIMEOUT).await.map_err(|e| e.to_string())?;
+            l.open_steps(CONNECT_TIMEOUT)
+                .instrument(span.clone())
+                .await
+                .map_err(|e| e.to_string())?;
         }
         self.epoch = plan.epoch;
         self.step_id = 0;
@@ -283,6 +313,9 @@ impl Engine {
                 let before = g.waiting.len();
                 g.admit();
                 self.pending.fetch_sub(before - g.waiting.len(), Ordering::SeqCst);
+                for s in &mut g.running {
+                    s.tag.trace.scheduled();
+                }
                 let seqs = g.build();
                 any |= !seqs.is_empty();
                 nseqs += seqs.len();
@@ -304,9 +337,11 @@ impl Engine {
                 continue;
             }
             self.step_id += 1;
+            let span = self.step_span(&groups, nseqs);
             let step = StepRequest {
                 epoch: self.epoch,
                 step_id: self.step_id,
+                trace_context: trace_context(&span),
                 groups,
                 flags: Some(StepFlags::default()),
             };
@@ -338,6 +373,11 @@ impl Engine {
             for r in ok.into_iter().filter(|r| r.rank % tp == 0) {
                 self.apply(r);
             }
+            drop(span);
+            let phases = &self.metrics.step_seconds;
+            phases.with_label_values(&["schedule"]).observe(sent.as_secs_f64());
+            phases.with_label_values(&["execute"]).observe(waited.as_secs_f64());
+            phases.with_label_values(&["stream"]).observe(t2.elapsed().as_secs_f64());
             let overhead = sent + t2.elapsed();
             let us = overhead.as_secs_f64() * 1e6;
             ewma = if ewma == 0.0 { us } else { 0.95 * ewma + 0.05 * us };
@@ -362,6 +402,12 @@ impl Engine {
         if !sub.sampling.ignore_eos {
             stop_ids.extend(self.cfg.eos_ids.iter().copied());
         }
+        let trace = RequestTrace::new(
+            self.metrics.clone(),
+            &sub.request_id,
+            sub.prompt.len(),
+            sub.max_tokens,
+        );
         let seq = Seq {
             id,
             prompt: sub.prompt,
@@ -373,6 +419,7 @@ impl Engine {
             outputs: sub.outputs,
             blocks: Vec::new(),
             tag: Tag {
+                trace,
                 tx: sub.tx,
                 request_id: sub.request_id,
                 deadline: sub.deadline,
@@ -397,8 +444,9 @@ impl Engine {
                 .remove_where(|s| s.tag.tx.is_closed() || s.tag.deadline.is_some_and(|d| now >= d));
             let left_waiting = waiting_before - g.waiting.len();
             self.pending.fetch_sub(left_waiting, Ordering::SeqCst);
-            for s in gone {
+            for mut s in gone {
                 if !s.tag.tx.is_closed() {
+                    s.tag.trace.finish(status::DEADLINE_EXCEEDED);
                     let generated = s.generated.len();
                     let _ = s
                         .tag
@@ -417,6 +465,7 @@ impl Engine {
             let Some(i) = g.position(r.seq_id) else { continue };
             let s = &mut g.running[i];
             s.generated.push(r.token_id);
+            s.tag.trace.token();
             let stop = s.tag.stop_ids.contains(&r.token_id);
             let done = stop || s.generated.len() >= s.max_tokens;
             // An id the tokenizer does not define (the model's vocabulary is larger) adds no text.
@@ -440,7 +489,8 @@ impl Engine {
             };
             let _ = s.tag.tx.try_send(Event::Chunk(chunk));
             if done {
-                let s = g.finish(i);
+                let mut s = g.finish(i);
+                s.tag.trace.finish(status::OK);
                 let final_ = GenerateFinal {
                     finish_reason: if stop { FinishReason::Stop } else { FinishReason::Length }
                         as i32,
@@ -464,6 +514,25 @@ impl Engine {
         }
     }
 
+    /// The `step` span of the step being built: under the phase span of its first sequence's
+    /// request, linked to the others' requests.
+    fn step_span(&self, groups: &[GroupStep], nseqs: usize) -> tracing::Span {
+        let mut traces = groups.iter().flat_map(|gs| {
+            let g = &self.groups[gs.group as usize];
+            gs.seqs
+                .iter()
+                .filter_map(move |s| g.position(s.seq_id).map(|i| &g.running[i].tag.trace))
+        });
+        let first = traces.next();
+        step_span(
+            first.map(|t| t.step_parent()),
+            traces.map(|t| t.span()),
+            self.epoch,
+            self.step_id,
+            nseqs,
+        )
+    }
+
     fn publish_status(&self, links: &[WorkerLink], ewma: f64) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.epoch = self.epoch;
@@ -481,6 +550,17 @@ impl Engine {
             .collect();
         st.overhead_us_ewma = ewma;
         st.steps = self.step_id;
+        let m = &self.metrics;
+        m.epoch.set(self.epoch as i64);
+        m.running_sequences.set(st.running as i64);
+        m.queue_depth.set(self.pending.load(Ordering::SeqCst) as i64);
+        m.kv_blocks.with_label_values(&["used"]).set(st.kv_blocks_used as i64);
+        m.kv_blocks
+            .with_label_values(&["free"])
+            .set((st.kv_blocks_total - st.kv_blocks_used) as i64);
+        for l in links {
+            m.worker_up.with_label_values(&[l.worker_id.as_str()]).set(1);
+        }
         if st.ranks.len() != links.len()
             || st.ranks.iter().zip(links).any(|(a, b)| a.rank != b.rank)
         {

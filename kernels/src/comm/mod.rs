@@ -45,12 +45,14 @@ pub mod conformance;
 mod error;
 mod local;
 mod mailbox;
+mod nccl;
 mod tcp;
 
 pub use communicator::{Communicator, Link, LinkError};
 pub use error::CommError;
 pub use local::{LocalComm, LocalLink};
 pub use mailbox::{Mailbox, Tag};
+pub use nccl::NcclComm;
 pub use tcp::{TcpComm, TcpLink, TcpRendezvous};
 
 use bytemuck::Pod;

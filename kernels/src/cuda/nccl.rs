@@ -79,6 +79,9 @@ impl NcclElem for u8 {
 impl NcclElem for i32 {
     const DATATYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclInt32;
 }
+impl NcclElem for u64 {
+    const DATATYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint64;
+}
 
 /// One rank of an NCCL communicator, bound to one device's stream.
 #[derive(Debug)]
@@ -96,8 +99,11 @@ unsafe impl Send for NcclComm {}
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank and is destroyed once; errors at teardown
-        // cannot be acted on.
+        if self.comm.is_null() {
+            return; // aborted
+        }
+        // SAFETY: `comm` came from ncclCommInitRank/ncclCommSplit and is destroyed once (abort
+        // nulls it); errors at teardown cannot be acted on.
         unsafe {
             let _ = result::comm_destroy(self.comm);
         }
@@ -132,6 +138,86 @@ impl NcclComm {
         self.comm
     }
 
+    fn live(&self, op: &'static str) -> Result<(), CudaError> {
+        if self.comm.is_null() {
+            return Err(CudaError::Nccl { op, status: "communicator was aborted".into() });
+        }
+        Ok(())
+    }
+
+    /// `ncclCommSplit`: every rank calls it; ranks with the same `color` (≥ 0) form a new
+    /// communicator ordered by `key`; `color = None` gives `None` (NCCL_SPLIT_NOCOLOR).
+    pub fn split(&self, color: Option<usize>, key: usize) -> Result<Option<Self>, CudaError> {
+        const OP: &str = "ncclCommSplit";
+        self.live(OP)?;
+        let color = match color {
+            Some(c) => i32::try_from(c)
+                .map_err(|_| CudaError::Nccl { op: OP, status: format!("color {c} > i32") })?,
+            None => -1, // NCCL_SPLIT_NOCOLOR
+        };
+        let mut new: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `self.comm` is live; `new` is a valid out-pointer; a null config means defaults.
+        unsafe { sys::ncclCommSplit(self.comm, color, key as i32, &mut new, std::ptr::null_mut()) }
+            .result()
+            .map_err(nccl_err(OP))?;
+        if new.is_null() {
+            return Ok(None);
+        }
+        let (mut rank, mut world) = (0i32, 0i32);
+        // SAFETY: `new` is a live communicator just created; out-pointers are valid.
+        unsafe {
+            sys::ncclCommUserRank(new, &mut rank).result().map_err(nccl_err("ncclCommUserRank"))?;
+            sys::ncclCommCount(new, &mut world).result().map_err(nccl_err("ncclCommCount"))?;
+        }
+        Ok(Some(Self {
+            comm: new,
+            stream: self.stream.clone(),
+            rank: rank as usize,
+            world: world as usize,
+        }))
+    }
+
+    /// `ncclCommAbort`: ends every operation in flight on this communicator (a peer never came)
+    /// and frees it; every later call returns an error.
+    pub fn abort(&mut self) {
+        if self.comm.is_null() {
+            return;
+        }
+        // SAFETY: `comm` is live and is not used after this (nulled below).
+        unsafe {
+            let _ = sys::ncclCommAbort(self.comm);
+        }
+        self.comm = std::ptr::null_mut();
+    }
+
+    /// Waits until this rank's stream has finished everything queued so far, or `deadline`
+    /// passes (then `Ok(false)`; the work stays queued). Polls `cuStreamQuery`.
+    pub fn wait_until(&self, deadline: std::time::Instant) -> Result<bool, CudaError> {
+        use cudarc::driver::sys as dsys;
+        let mut spin = 0u32;
+        loop {
+            // SAFETY: the stream handle is live for the lifetime of `self.stream`.
+            let r = unsafe { dsys::cuStreamQuery(self.stream.cu_stream()) };
+            match r {
+                dsys::cudaError_enum::CUDA_SUCCESS => return Ok(true),
+                dsys::cudaError_enum::CUDA_ERROR_NOT_READY => {}
+                other => {
+                    return Err(CudaError::Nccl {
+                        op: "cuStreamQuery",
+                        status: format!("{other:?}"),
+                    });
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            spin += 1;
+            if spin > 64 {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -156,6 +242,7 @@ impl NcclComm {
                 format!("send {} vs recv {}", send.len(), recv.len()),
             ));
         }
+        self.live("nccl")?;
         let (s, _gs) = send.device_ptr(&self.stream);
         let (r, _gr) = recv.device_ptr_mut(&self.stream);
         // SAFETY: both buffers hold `len` elements of T on this rank's device.
@@ -193,6 +280,7 @@ impl NcclComm {
             ));
         }
         let count = send.len() / self.world;
+        self.live("nccl")?;
         let (s, _gs) = send.device_ptr(&self.stream);
         let (r, _gr) = recv.device_ptr_mut(&self.stream);
         // SAFETY: both buffers hold world × count elements on this rank's device.
@@ -223,6 +311,7 @@ impl NcclComm {
                 format!("recv {} != world × send {}", recv.len(), send.len()),
             ));
         }
+        self.live("nccl")?;
         let (s, _gs) = send.device_ptr(&self.stream);
         let (r, _gr) = recv.device_ptr_mut(&self.stream);
         // SAFETY: send holds len elements, recv world × len, on this rank's device.

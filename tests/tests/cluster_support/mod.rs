@@ -102,8 +102,12 @@ impl Drop for Cluster {
 impl Cluster {
     /// Starts the processes and waits for `fathom: serving on ADDR` (at most 60 s).
     pub fn start(opts: Opts) -> Result<Self> {
+        Self::start_with_model(opts, tiny_model())
+    }
+
+    /// [`Cluster::start`] serving the checkpoint in `model` instead of the tiny one.
+    pub fn start_with_model(opts: Opts, model: PathBuf) -> Result<Self> {
         let bin = fathom_bin();
-        let model = tiny_model();
         let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
         let config = dir.path().join("cluster.toml");
         let mut toml = String::from("cluster = \"test\"\n");

@@ -15,6 +15,7 @@
 
 use super::{EpochContext, ExecError, Executor, ExecutorFactory};
 use crate::kv::PagedKvCache;
+use crate::metrics::StepReport;
 use crate::parallel::{RankForwardOptions, RankModel};
 use crate::weights::CheckpointReader;
 use fathom_common::ModelConfig;
@@ -23,6 +24,7 @@ use fathom_common::plan::{ParallelPlan, PlanSpec, Slot};
 use fathom_kernels::comm::Collective;
 use fathom_proto::v1::{Plan, SeqResult, StepRequest};
 use std::path::Path;
+use std::time::Instant;
 
 /// Loads this rank's shard of the checkpoint named by the plan (`plan.model_path`).
 #[derive(Debug, Default)]
@@ -86,14 +88,25 @@ impl ExecutorFactory for ShardedFactory {
             .map_err(|e| ExecError::Load(e.to_string()))?;
         let cfg = reader.config().clone();
         let layout = parallel_plan(&plan, &cfg)?;
-        let counting = crate::parallel::CountingSource::new(&reader);
+        // This rank's share of the checkpoint is not known up front: progress without a total.
+        let progress = super::progress::ProgressSource::new(&reader, "loading weights", 0);
+        let counting = crate::parallel::CountingSource::new(&progress);
         let model = RankModel::load(cfg, &counting, &layout, rank as usize)
             .map_err(|e| ExecError::Load(e.to_string()))?;
+        progress.finish();
         let weight_bytes = counting.total_bytes();
         let cache = model
             .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
             .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
-        Ok(Box::new(ShardedExecutor { model, cache, world, group, weight_bytes }))
+        Ok(Box::new(ShardedExecutor {
+            model,
+            cache,
+            world,
+            group,
+            weight_bytes,
+            report: StepReport::default(),
+            carry: Default::default(),
+        }))
     }
 }
 
@@ -105,31 +118,47 @@ pub struct ShardedExecutor {
     world: Box<dyn Collective>,
     group: Box<dyn Collective>,
     weight_bytes: u64,
+    report: StepReport,
+    /// Routed experts of non-final prefill chunks (group rank 0 only).
+    carry: super::routing::RoutingCarry,
 }
 
 impl Executor for ShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
         let my_group = self.model.group() as u32;
-        let seqs = step
-            .groups
-            .iter()
-            .find(|g| g.group == my_group)
-            .map(|g| g.seqs.as_slice())
-            .unwrap_or(&[]);
+        let mine = step.groups.iter().find(|g| g.group == my_group);
+        let seqs = mine.map(|g| g.seqs.as_slice()).unwrap_or(&[]);
+        if let Some(g) = mine {
+            self.carry.release(&g.released_seq_ids);
+        }
         let inputs = super::seq_inputs(seqs);
-        let opts = RankForwardOptions::from(super::forward_options(seqs));
-        let out = self
-            .model
-            .forward(&inputs, &mut self.cache, self.world.as_mut(), self.group.as_mut(), &opts)
+        // Every rank of the group passes the same options (routing is gathered over the group).
+        let opts = RankForwardOptions::from(super::forward_options_counting(seqs));
+        let t0 = Instant::now();
+        let (world, group) = (self.world.as_mut(), self.group.as_mut());
+        let out = tracing::trace_span!("forward", tokens = inputs.len())
+            .in_scope(|| self.model.forward(&inputs, &mut self.cache, world, group, &opts))
             .map_err(|e| fail(e.to_string()))?;
+        self.report.forward = Some(t0.elapsed());
         if self.model.group_rank() != 0 || seqs.is_empty() {
             return Ok(Vec::new());
         }
-        super::seq_results(step.step_id, seqs, &out, self.model.config())
+        // The gathered routing covers the whole group's tokens: rank 0 of the group counts it.
+        self.report.experts = super::expert_tally(self.model.config(), &out);
+        let t1 = Instant::now();
+        let results = tracing::trace_span!("sample").in_scope(|| {
+            super::seq_results(step.step_id, seqs, &out, self.model.config(), &mut self.carry)
+        });
+        self.report.sample = Some(t1.elapsed());
+        results
     }
 
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    fn take_report(&mut self) -> StepReport {
+        std::mem::take(&mut self.report)
     }
 }

@@ -38,6 +38,15 @@ pub const GLUE: KernelSource = KernelSource {
         "layernorm_f32_rows",
         "scatter_rows_f32",
         "indexer_scores_rows_f32",
+        "gather_rows_f32",
+        "rmsnorm_f32_inplace",
+        "add_f32_into",
+        "swiglu_f32",
+        "absorb_q_f32",
+        "unabsorb_o_f32",
+        "mla_sparse_f32",
+        "moe_up_f32",
+        "moe_down_f32",
     ],
 };
 
@@ -457,6 +466,242 @@ impl Glue {
         // SAFETY: as `indexer_scores`: keys rows base[r] + s, s < min(lens[r], max_ctx), lie in
         // the sequence's cache region by the forward's construction.
         unsafe { b.launch(cfg) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    // ---- f32 path (`Precision::F32`); CPU twins in `kernels::cpu`, parity in
+    // worker/tests/cuda_model_glue.rs.
+
+    /// out[r, :] = table[ids[r], :] (f32 rows of `dim`); ids outside `[0, vocab)` give zero rows
+    /// and are counted in `bad[0]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_rows_f32(
+        &self,
+        table: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        bad: &mut CudaSlice<i32>,
+        n: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gather_rows_f32";
+        check(OP, "table", table.len(), vocab * dim)?;
+        check(OP, "ids", ids.len(), n)?;
+        check(OP, "out", out.len(), n * dim)?;
+        check(OP, "bad", bad.len(), 1)?;
+        let (ni, di, vi) = (i32_of(OP, n)?, i32_of(OP, dim)?, i32_of(OP, vocab)?);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(table).arg(ids).arg(out).arg(bad).arg(&ni).arg(&di).arg(&vi);
+        // SAFETY: matches `gather_rows_f32`; table holds vocab rows, ids n, out n rows (checked);
+        // ids outside the table are not read (the kernel checks them).
+        unsafe { b.launch(grid_stride(n * dim)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// In place: x[r, :dim] = RMSNorm(x[r, :dim]) for f32 rows of stride `stride` ≥ dim.
+    pub fn rmsnorm_f32_inplace(
+        &self,
+        x: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        stride: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rmsnorm_f32_inplace";
+        if stride < dim {
+            return Err(shape(OP, format!("stride {stride} < dim {dim}")));
+        }
+        check(OP, "x", x.len(), rows * stride)?;
+        check(OP, "w", w.len(), dim)?;
+        let (s, d) = (i32_of(OP, stride)?, i32_of(OP, dim)?);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(x).arg(&s).arg(w).arg(&d).arg(&eps);
+        // SAFETY: matches `rmsnorm_f32_inplace`; rows × stride checked, dim ≤ stride.
+        unsafe { b.launch(rows_cfg(rows)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// h[i] += a[i] for i < n, f32.
+    pub fn add_f32_into(
+        &self,
+        h: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "add_f32_into";
+        check(OP, "h", h.len(), n)?;
+        check(OP, "a", a.len(), n)?;
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(h).arg(a).arg(&n64);
+        // SAFETY: matches `add_f32_into`; both hold n (checked).
+        unsafe { b.launch(grid_stride(n)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// act[r, i] = SiLU(gu[r, i]) · gu[r, inner + i]; gu `[n, 2·inner]`, act `[n, inner]`.
+    pub fn swiglu_f32(
+        &self,
+        gu: &CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        n: usize,
+        inner: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "swiglu_f32";
+        check(OP, "gu", gu.len(), n * 2 * inner)?;
+        check(OP, "act", act.len(), n * inner)?;
+        let (ni, ii) = (i32_of(OP, n)?, i32_of(OP, inner)?);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(gu).arg(act).arg(&ni).arg(&ii);
+        // SAFETY: matches `swiglu_f32`; gu holds n × 2·inner, act n × inner (checked).
+        unsafe { b.launch(grid_stride(n * inner)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// Absorbed f32 queries `[n, nh, kl + rope]` from q `[n, nh, nope + rope]` and kv_b
+    /// `[nh·(nope + v), kl]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn absorb_q_f32(
+        &self,
+        q: &CudaSlice<f32>,
+        kv_b: &CudaSlice<f32>,
+        qa: &mut CudaSlice<f32>,
+        n: usize,
+        nh: usize,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "absorb_q_f32";
+        let (nope, rope, v, kl) = dims;
+        check(OP, "q", q.len(), n * nh * (nope + rope))?;
+        check(OP, "kv_b", kv_b.len(), nh * (nope + v) * kl)?;
+        check(OP, "qa", qa.len(), n * nh * (kl + rope))?;
+        let a = [n, nh, nope, rope, v, kl].map(|x| x as i32);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(q).arg(kv_b).arg(qa);
+        for x in &a {
+            b.arg(x);
+        }
+        // SAFETY: matches `absorb_q_f32`; every buffer checked against the shapes it indexes.
+        unsafe { b.launch(grid_stride(n * nh * (kl + rope))) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// Per-head f32 outputs `[n, nh, v]` from latent outputs `[n, nh, kl]` through W_UV.
+    #[allow(clippy::too_many_arguments)]
+    pub fn unabsorb_o_f32(
+        &self,
+        ol: &CudaSlice<f32>,
+        kv_b: &CudaSlice<f32>,
+        oh: &mut CudaSlice<f32>,
+        n: usize,
+        nh: usize,
+        dims: (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "unabsorb_o_f32";
+        let (nope, v, kl) = dims;
+        check(OP, "ol", ol.len(), n * nh * kl)?;
+        check(OP, "kv_b", kv_b.len(), nh * (nope + v) * kl)?;
+        check(OP, "oh", oh.len(), n * nh * v)?;
+        let a = [n, nh, nope, v, kl].map(|x| x as i32);
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(ol).arg(kv_b).arg(oh);
+        for x in &a {
+            b.arg(x);
+        }
+        // SAFETY: matches `unabsorb_o_f32`; every buffer checked against the shapes it indexes.
+        unsafe { b.launch(grid_stride(n * nh * v)) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// Sparse MLA attention in f32 (absorbed form): per row r and head h, softmax over the
+    /// selected latent rows `sel[r, :]` (−1 = no key) of `scale · qa[r, h]·kv[row]`, output the
+    /// weighted sum of their first `kl` columns. qa `[n, nh, kl + rope]`, kv `[kv_rows, kl +
+    /// rope]`, sel `[n, topk]`, out `[n, nh, kl]`. Twin: `cpu::attention::mla_sparse_attention`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_sparse_f32(
+        &self,
+        qa: &CudaSlice<f32>,
+        kv: &CudaSlice<f32>,
+        sel: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        nh: usize,
+        dims: (usize, usize, usize, usize),
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "mla_sparse_f32";
+        let (kl, rope, topk, kv_rows) = dims;
+        check(OP, "qa", qa.len(), n * nh * (kl + rope))?;
+        check(OP, "kv", kv.len(), kv_rows * (kl + rope))?;
+        check(OP, "sel", sel.len(), n * topk)?;
+        check(OP, "out", out.len(), n * nh * kl)?;
+        if n * nh == 0 {
+            return Ok(());
+        }
+        let smem = topk * 4;
+        if smem > 48 * 1024 {
+            return Err(shape(OP, format!("topk {topk} needs more than 48 KiB of shared memory")));
+        }
+        let a = [nh, kl, rope, topk].map(|x| x as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of(OP, n * nh)? as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(qa).arg(kv).arg(sel).arg(out);
+        for x in &a {
+            b.arg(x);
+        }
+        b.arg(&scale);
+        // SAFETY: matches `mla_sparse_f32`; qa, sel, out checked; every sel entry ≥ 0 is a kv
+        // row (the forward builds them from validated positions: base + position < kv_rows).
+        unsafe { b.launch(cfg) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// Routed experts in f32, in two launches without host sync: act `[n, k, inner]` =
+    /// SwiGLU of each (token, chosen expert), then out `[n, dim]` = Σ_j wts[t, j] · down(act).
+    /// ids `[n, k]` outside `[0, n_exp)` contribute nothing. w13 `[E, 2·inner, dim]` (gate |
+    /// up), w2 `[E, dim, inner]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        wts: &CudaSlice<f32>,
+        w13: &CudaSlice<f32>,
+        w2: &CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        shape4: (usize, usize, usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "moe_f32";
+        let (n, k, dim, inner, n_exp) = shape4;
+        check(OP, "x", x.len(), n * dim)?;
+        check(OP, "ids", ids.len(), n * k)?;
+        check(OP, "wts", wts.len(), n * k)?;
+        check(OP, "w13", w13.len(), n_exp * 2 * inner * dim)?;
+        check(OP, "w2", w2.len(), n_exp * dim * inner)?;
+        check(OP, "act", act.len(), n * k * inner)?;
+        check(OP, "out", out.len(), n * dim)?;
+        let a = [n, k, dim, inner, n_exp].map(|v| v as i32);
+        let mut b = self.stream.launch_builder(self.func("moe_up_f32"));
+        b.arg(x).arg(ids).arg(w13).arg(&mut *act);
+        for v in &a {
+            b.arg(v);
+        }
+        // SAFETY: matches `moe_up_f32`; buffers checked; expert ids are range-checked on device.
+        unsafe { b.launch(grid_stride(n * k * inner)) }.map_err(launched("moe_up_f32"))?;
+        let mut b = self.stream.launch_builder(self.func("moe_down_f32"));
+        b.arg(&*act).arg(ids).arg(wts).arg(w2).arg(out);
+        for v in &a {
+            b.arg(v);
+        }
+        // SAFETY: matches `moe_down_f32`; as above.
+        unsafe { b.launch(grid_stride(n * dim)) }.map_err(launched("moe_down_f32"))?;
         Ok(())
     }
 }

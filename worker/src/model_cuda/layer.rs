@@ -11,7 +11,7 @@ use fathom_kernels::cuda::{
 };
 use half::bf16;
 
-use super::weights::{FfnW, LayerW, MlpW};
+use super::weights::{AttnW, FfnW, LayerW, MlpW};
 use super::{CudaKvCache, CudaModel, CudaModelError};
 
 /// LayerNorm epsilon of `indexer.k_norm` (spec §2.3).
@@ -29,10 +29,10 @@ pub(crate) struct Step {
 
 /// [`Step`] on the device.
 pub(crate) struct DeviceStep {
-    pos: CudaSlice<i32>,
-    row: CudaSlice<i32>,
-    base: CudaSlice<i32>,
-    len: CudaSlice<i32>,
+    pub(crate) pos: CudaSlice<i32>,
+    pub(crate) row: CudaSlice<i32>,
+    pub(crate) base: CudaSlice<i32>,
+    pub(crate) len: CudaSlice<i32>,
 }
 
 impl Step {
@@ -61,12 +61,73 @@ impl CudaModel {
         Ok(y)
     }
 
-    fn mlp(&self, w: &MlpW, x: &CudaSlice<bf16>, n: usize) -> Result<CudaSlice<bf16>, CudaError> {
+    fn mlp(
+        &self,
+        w: &MlpW,
+        x: &CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<CudaSlice<bf16>, CudaModelError> {
         let hd = self.cfg.hidden_size;
-        let gu = self.mm(x, &w.gate_up, n, 2 * w.inner, hd)?; // [n, 2·inner]
+        let gu = self.mm(x, w.gate_up.bf16()?, n, 2 * w.inner, hd)?; // [n, 2·inner]
         let mut act = self.dev.zeros::<bf16>(n * w.inner)?; // [n, inner]
         self.dev.ops().swiglu_fused_bf16(&gu, &mut act, n, w.inner)?;
-        self.mm(&act, &w.down, n, hd, w.inner) // [n, hidden]
+        Ok(self.mm(&act, w.down.bf16()?, n, hd, w.inner)?) // [n, hidden]
+    }
+
+    /// The indexer of layer `li` for the step's rows: writes the new keys into the cache, then
+    /// selects per row the top-`index_topk` causal keys (all of them, ascending, when there are
+    /// ≤ index_topk) as cache rows `[n, topk]` (−1 = none). `xf` `[n, hidden]` and `qrf` `[n,
+    /// q_lora]` are the f32 normed input and q-LoRA latent.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn select(
+        &self,
+        a: &AttnW,
+        li: usize,
+        xf: &CudaSlice<f32>,
+        qrf: &CudaSlice<f32>,
+        n: usize,
+        st: &DeviceStep,
+        cache: &mut CudaKvCache,
+    ) -> Result<CudaSlice<i32>, CudaModelError> {
+        let c = &self.cfg;
+        let (dev, ops, g) = (&self.dev, self.dev.ops(), &self.glue);
+        let (hd, ql) = (c.hidden_size, c.q_lora_rank);
+        let (ih, id, topk) = (c.index_n_heads, c.index_head_dim, c.index_topk);
+        let max_ctx = cache.max_ctx();
+        let cache_rows = cache.slots() * max_ctx;
+        // q [n, H_I, d], k [n, d], head weights [n, H_I], all f32.
+        let mut iq = dev.zeros::<f32>(n * ih * id)?;
+        g.gemm_f32(qrf, &a.idx_wq_b, &mut iq, n, ih * id, ql, 1.0)?;
+        let shape = RopeShape { tokens: n, heads: ih, head_dim: id, offset: 0 };
+        let (freqs, af) = (&self.freqs, self.attention_factor);
+        ops.rope_f32(&mut iq, &st.pos, freqs, shape, af, RopeLayout::HalfSplit)?;
+        let mut ik_raw = dev.zeros::<f32>(n * id)?;
+        g.gemm_f32(xf, &a.idx_wk, &mut ik_raw, n, id, hd, 1.0)?;
+        let mut ik = dev.zeros::<f32>(n * id)?;
+        g.layernorm_f32(&ik_raw, &a.idx_k_norm_w, &a.idx_k_norm_b, &mut ik, n, id, K_NORM_EPS)?;
+        let shape = RopeShape { tokens: n, heads: 1, head_dim: id, offset: 0 };
+        ops.rope_f32(&mut ik, &st.pos, freqs, shape, af, RopeLayout::HalfSplit)?;
+        let mut iw = dev.zeros::<f32>(n * ih)?;
+        let wscale = (ih as f32).powf(-0.5) * (id as f32).powf(-0.5);
+        g.gemm_f32(xf, &a.idx_weights_proj, &mut iw, n, ih, hd, wscale)?;
+        g.scatter_rows_f32(&ik, &mut cache.index[li], cache_rows, &st.row, n, id)?;
+        let mut scores = dev.zeros::<f32>(n * max_ctx)?; // [n, max_ctx]
+        g.indexer_scores_f32(
+            &iq,
+            &iw,
+            &cache.index[li],
+            &st.base,
+            &st.len,
+            &mut scores,
+            n,
+            ih,
+            id,
+            max_ctx,
+        )?;
+        let mut sel = dev.zeros::<i32>(n * topk)?; // [n, topk]
+        ops.topk_rows_f32(&scores, &st.len, &mut sel, n, max_ctx, topk)?;
+        g.add_base(&mut sel, &st.base, n, topk)?;
+        Ok(sel)
     }
 
     pub(crate) fn layer_forward(
@@ -86,7 +147,7 @@ impl CudaModel {
         let (nope, rope, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
         let (nh, qk, lat) = (c.num_attention_heads, nope + rope, kl + rope);
         let nh_pad = nh.div_ceil(16) * 16;
-        let (ih, id, topk) = (c.index_n_heads, c.index_head_dim, c.index_topk);
+        let topk = c.index_topk;
         let max_ctx = cache.max_ctx();
         let cache_rows = cache.slots() * max_ctx;
         let a = &lw.attn;
@@ -100,7 +161,7 @@ impl CudaModel {
         let mut qr = dev.zeros::<bf16>(n * ql)?;
         let mut qrf = dev.zeros::<f32>(n * ql)?;
         g.rmsnorm_f32_rows(&cq, &a.q_a_norm, &mut qr, &mut qrf, n, ql, eps)?;
-        let mut q = self.mm(&qr, &a.q_b, n, nh * qk, ql)?; // [n, nh, nope + rope]
+        let mut q = self.mm(&qr, a.q_b.bf16()?, n, nh * qk, ql)?; // [n, nh, nope + rope]
         let shape = RopeShape { tokens: n, heads: nh, head_dim: qk, offset: nope };
         ops.rope_bf16(
             &mut q,
@@ -110,7 +171,7 @@ impl CudaModel {
             self.attention_factor,
             RopeLayout::Interleaved,
         )?;
-        let mut ckv = self.mm(&xb, &a.kv_a, n, lat, hd)?; // [n, kv_lora + rope]
+        let mut ckv = self.mm(&xb, a.kv_a.bf16()?, n, lat, hd)?; // [n, kv_lora + rope]
         g.rmsnorm_bf16_inplace(&mut ckv, &a.kv_norm, n, lat, kl, eps)?;
         let shape = RopeShape { tokens: n, heads: 1, head_dim: lat, offset: kl };
         ops.rope_bf16(
@@ -122,55 +183,9 @@ impl CudaModel {
             RopeLayout::Interleaved,
         )?;
 
-        // Indexer: q [n, H_I, d], k [n, d], head weights [n, H_I].
-        let mut iq = dev.zeros::<f32>(n * ih * id)?; // [n, H_I, d] f32
-        g.gemm_f32(&qrf, &a.idx_wq_b, &mut iq, n, ih * id, ql, 1.0)?;
-        let shape = RopeShape { tokens: n, heads: ih, head_dim: id, offset: 0 };
-        ops.rope_f32(
-            &mut iq,
-            &st.pos,
-            &self.freqs,
-            shape,
-            self.attention_factor,
-            RopeLayout::HalfSplit,
-        )?;
-        let mut ik_raw = dev.zeros::<f32>(n * id)?; // [n, d] f32
-        g.gemm_f32(&xf, &a.idx_wk, &mut ik_raw, n, id, hd, 1.0)?;
-        let mut ik = dev.zeros::<f32>(n * id)?;
-        g.layernorm_f32(&ik_raw, &a.idx_k_norm_w, &a.idx_k_norm_b, &mut ik, n, id, K_NORM_EPS)?;
-        let shape = RopeShape { tokens: n, heads: 1, head_dim: id, offset: 0 };
-        ops.rope_f32(
-            &mut ik,
-            &st.pos,
-            &self.freqs,
-            shape,
-            self.attention_factor,
-            RopeLayout::HalfSplit,
-        )?;
-        let mut iw = dev.zeros::<f32>(n * ih)?;
-        let wscale = (ih as f32).powf(-0.5) * (id as f32).powf(-0.5);
-        g.gemm_f32(&xf, &a.idx_weights_proj, &mut iw, n, ih, hd, wscale)?;
-
-        // Cache writes, then selection: top-k of the indexer scores over each row's causal keys
-        // (all of them, ascending, when there are ≤ index_topk) → cache rows.
+        // Cache the latent, then select (the indexer writes its keys first).
         g.scatter_rows(&ckv, lat, &mut cache.latent[li], lat, cache_rows, &st.row, n, lat)?;
-        g.scatter_rows_f32(&ik, &mut cache.index[li], cache_rows, &st.row, n, id)?;
-        let mut scores = dev.zeros::<f32>(n * max_ctx)?; // [n, max_ctx]
-        g.indexer_scores_f32(
-            &iq,
-            &iw,
-            &cache.index[li],
-            &st.base,
-            &st.len,
-            &mut scores,
-            n,
-            ih,
-            id,
-            max_ctx,
-        )?;
-        let mut sel = dev.zeros::<i32>(n * topk)?; // [n, topk]
-        ops.topk_rows_f32(&scores, &st.len, &mut sel, n, max_ctx, topk)?;
-        g.add_base(&mut sel, &st.base, n, topk)?;
+        let sel = self.select(a, li, &xf, &qrf, n, st, cache)?;
 
         // Absorbed sparse attention → [n, nh_pad, kv_lora] → per-head [n, nh, v] → o_proj.
         let mut qa = dev.zeros::<bf16>(n * nh_pad * lat)?;
@@ -192,7 +207,7 @@ impl CudaModel {
         )?;
         let mut oh = dev.zeros::<bf16>(n * nh * v)?;
         g.unabsorb_o(&ol, &a.kv_b, &mut oh, n, nh, nh_pad, (nope, v, kl))?;
-        let attn = self.mm(&oh, &a.o_proj, n, hd, nh * v)?; // [n, hidden]
+        let attn = self.mm(&oh, a.o_proj.bf16()?, n, hd, nh * v)?; // [n, hidden]
         g.add_into(h, &attn, n * hd)?;
 
         // ---- FFN
@@ -218,8 +233,8 @@ impl CudaModel {
                     &xb,
                     &ids,
                     &wts,
-                    w13,
-                    w2,
+                    w13.bf16()?,
+                    w2.bf16()?,
                     &mut routed,
                     &mut scratch,
                     &shape,

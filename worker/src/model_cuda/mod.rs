@@ -7,8 +7,12 @@
 //! ([`CudaModel::forward`], mirroring `Model::forward`: prefill chunks and decodes mix freely).
 //! Does not own: sampling, slot allocation (callers pick slots), multi-GPU layouts, MTP.
 //!
-//! Numerics: the residual stream is f32 on the device; GEMM weights and activations between
-//! ops are bf16 (cuBLAS, fp32 accumulation); norms, the q-LoRA down projection, router logits,
+//! Numerics ([`Precision`]): under `F32` (an f32 checkpoint at its own precision, what the golden
+//! test runs) every weight, activation, cache entry and op is fp32 (`layer_f32.rs`): the GPU
+//! forward then equals the CPU reference up to fp32 summation order, so the discrete indexer and
+//! router decisions agree. Under `Bf16` (what fits a real checkpoint) the residual stream is f32
+//! on the device; GEMM weights and activations between ops are bf16 (cuBLAS, fp32
+//! accumulation); norms, the q-LoRA down projection, router logits,
 //! the whole indexer (its top-k is discrete: bf16 noise would flip selections the f32 reference
 //! makes with margins of 1e-4) and the MLA absorption (`kv_b_proj`) run in fp32. Attention is the absorbed sparse form for every row
 //! (prefill too): each query row gets its own `index_topk` selection (all causal keys when the
@@ -20,8 +24,11 @@
 //! Invariants: a sequence in slot `s` owns cache rows `[s·max_ctx, (s+1)·max_ctx)`; position p
 //! is row `s·max_ctx + p`; positions below `start_pos` must have been written by earlier calls.
 
+mod device;
+pub mod executor;
 mod glue;
 mod layer;
+mod layer_f32;
 mod weights;
 
 use fathom_common::{ConfigError, ModelConfig};
@@ -33,8 +40,31 @@ use std::sync::Arc;
 
 use crate::model::{ForwardOptions, ForwardOutput, LogitsMode, ModelError};
 use crate::weights::TensorSource;
+pub use device::{DeviceChoice, OpenError, open_gpu, precision_for};
 pub use glue::{GLUE, Glue};
-use weights::LayerW;
+use weights::{LayerW, Mat};
+
+/// Storage and arithmetic precision of the GPU forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// bf16 GEMM weights and activations (fp32 accumulation), bf16 latent cache; f32 residual
+    /// stream, norms, router and indexer. What a real (bf16/FP8) checkpoint runs at.
+    #[default]
+    Bf16,
+    /// Everything fp32: an f32 checkpoint (the golden fixtures) at its own precision.
+    F32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bf16" => Ok(Precision::Bf16),
+            "f32" => Ok(Precision::F32),
+            other => Err(format!("unknown GPU precision {other:?}: expected bf16 or f32")),
+        }
+    }
+}
 
 /// Why the GPU model could not be built or run. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +81,8 @@ pub enum CudaModelError {
     Cache(String),
     #[error("embedding: {count} token id(s) outside the vocabulary reached the device")]
     BadTokens { count: i32 },
+    #[error("a weight was loaded at another precision than the {want:?} forward needs")]
+    Precision { want: Precision },
 }
 
 /// One sequence's part of a step: new `tokens` at positions `start_pos ..`, in cache slot `slot`.
@@ -61,11 +93,13 @@ pub struct CudaSeqInput<'a> {
     pub slot: usize,
 }
 
-/// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` and indexer keys
-/// `[slots·max_ctx, index_head_dim]` f32.
+/// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` (bf16 under
+/// [`Precision::Bf16`] in `latent`, f32 under [`Precision::F32`] in `latent_f32`; the other is
+/// empty) and indexer keys `[slots·max_ctx, index_head_dim]` f32.
 #[derive(Debug)]
 pub struct CudaKvCache {
     pub(crate) latent: Vec<CudaSlice<bf16>>,
+    pub(crate) latent_f32: Vec<CudaSlice<f32>>,
     pub(crate) index: Vec<CudaSlice<f32>>,
     slots: usize,
     max_ctx: usize,
@@ -87,9 +121,10 @@ pub struct CudaModel {
     blas: BlasGemm,
     glue: Glue,
     cfg: ModelConfig,
-    embed: CudaSlice<bf16>,
+    precision: Precision,
+    embed: Mat,
     norm: CudaSlice<f32>,
-    head: CudaSlice<bf16>,
+    head: Mat,
     layers: Vec<LayerW>,
     /// RoPE frequencies `[qk_rope_head_dim / 2]`.
     freqs: CudaSlice<f32>,
@@ -99,20 +134,31 @@ pub struct CudaModel {
 }
 
 impl CudaModel {
-    /// Uploads every tensor of the main model (no MTP) from `src`, checking shapes against
-    /// `cfg`; compiles the glue kernels (through `kernel_cache` when given).
+    /// [`Self::load_with`] at [`Precision::Bf16`].
     pub fn load(
         dev: Arc<CudaDevice>,
         src: &dyn TensorSource,
         cfg: ModelConfig,
         kernel_cache: Option<&KernelCache>,
     ) -> Result<Self, CudaModelError> {
+        Self::load_with(dev, src, cfg, kernel_cache, Precision::Bf16)
+    }
+
+    /// Uploads every tensor of the main model (no MTP) from `src` at `precision`, checking
+    /// shapes against `cfg`; compiles the glue kernels (through `kernel_cache` when given).
+    pub fn load_with(
+        dev: Arc<CudaDevice>,
+        src: &dyn TensorSource,
+        cfg: ModelConfig,
+        kernel_cache: Option<&KernelCache>,
+        precision: Precision,
+    ) -> Result<Self, CudaModelError> {
         cfg.validate()?;
         let blas = BlasGemm::new(&dev)?;
         let glue = Glue::load(&dev, kernel_cache)?;
-        let (embed, norm, head) = weights::load_top(&dev, src, &cfg)?;
+        let (embed, norm, head) = weights::load_top(&dev, src, &cfg, precision)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LayerW::load(&dev, src, &cfg, i))
+            .map(|i| LayerW::load(&dev, src, &cfg, i, precision))
             .collect::<Result<Vec<_>, _>>()?;
         let freqs: Vec<f32> = cfg.rope_frequencies()?.iter().map(|&f| f as f32).collect();
         let router = RouterParams {
@@ -129,6 +175,7 @@ impl CudaModel {
             scale: cfg.softmax_scale()? as f32,
             blas,
             glue,
+            precision,
             embed,
             norm,
             head,
@@ -141,6 +188,10 @@ impl CudaModel {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn device(&self) -> &CudaDevice {
@@ -160,21 +211,26 @@ impl CudaModel {
         }
         let rows = slots * max_ctx;
         let lat = c.kv_lora_rank + c.qk_rope_head_dim;
-        let mut latent = Vec::new();
-        let mut index = Vec::new();
+        let (mut latent, mut latent_f32, mut index) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..c.num_hidden_layers {
-            latent.push(self.dev.zeros::<bf16>(rows * lat)?);
+            match self.precision {
+                Precision::Bf16 => latent.push(self.dev.zeros::<bf16>(rows * lat)?),
+                Precision::F32 => latent_f32.push(self.dev.zeros::<f32>(rows * lat)?),
+            }
             index.push(self.dev.zeros::<f32>(rows * c.index_head_dim)?);
         }
-        Ok(CudaKvCache { latent, index, slots, max_ctx })
+        Ok(CudaKvCache { latent, latent_f32, index, slots, max_ctx })
     }
 
     fn validate(&self, seqs: &[CudaSeqInput], cache: &CudaKvCache) -> Result<(), CudaModelError> {
-        if cache.latent.len() != self.cfg.num_hidden_layers {
+        let latents = match self.precision {
+            Precision::Bf16 => cache.latent.len(),
+            Precision::F32 => cache.latent_f32.len(),
+        };
+        if latents != self.cfg.num_hidden_layers || cache.index.len() != latents {
             return Err(CudaModelError::Cache(format!(
-                "cache has {} layers, the model {}",
-                cache.latent.len(),
-                self.cfg.num_hidden_layers
+                "cache has {latents} {:?} layers, the model {}",
+                self.precision, self.cfg.num_hidden_layers
             )));
         }
         let mut used = vec![false; cache.slots];
@@ -235,10 +291,17 @@ impl CudaModel {
         let dev = &self.dev;
         let ids_d = dev.upload(&ids)?;
         let mut bad = dev.zeros::<i32>(1)?;
-        let mut emb = dev.zeros::<bf16>(n * hd)?; // [n, hidden]
-        dev.ops().embedding_gather_bf16(&self.embed, &ids_d, &mut emb, &mut bad, n, hd, vocab)?;
         let mut h = dev.zeros::<f32>(n * hd)?; // [n, hidden] residual stream
-        self.glue.to_f32(&emb, &mut h, n * hd)?;
+        match &self.embed {
+            Mat::Bf16(table) => {
+                let mut emb = dev.zeros::<bf16>(n * hd)?; // [n, hidden]
+                dev.ops().embedding_gather_bf16(table, &ids_d, &mut emb, &mut bad, n, hd, vocab)?;
+                self.glue.to_f32(&emb, &mut h, n * hd)?;
+            }
+            Mat::F32(table) => {
+                self.glue.gather_rows_f32(table, &ids_d, &mut h, &mut bad, n, hd, vocab)?
+            }
+        }
         let dstep = step.upload(dev)?;
 
         let mut out = ForwardOutput::default();
@@ -246,7 +309,10 @@ impl CudaModel {
             out.layer_hidden.push(dev.download(&h)?);
         }
         for (i, lw) in self.layers.iter().enumerate() {
-            self.layer_forward(lw, i, &mut h, n, &dstep, cache)?;
+            match self.precision {
+                Precision::Bf16 => self.layer_forward(lw, i, &mut h, n, &dstep, cache)?,
+                Precision::F32 => self.layer_forward_f32(lw, i, &mut h, n, &dstep, cache)?,
+            }
             if opts.record_hidden {
                 out.layer_hidden.push(dev.download(&h)?);
             }
@@ -265,10 +331,15 @@ impl CudaModel {
             let mut xf = dev.zeros::<f32>(n * hd)?;
             let eps = c.rms_norm_eps as f32;
             self.glue.rmsnorm_f32_rows(&h, &self.norm, &mut xb, &mut xf, n, hd, eps)?;
-            let mut lb = dev.zeros::<bf16>(n * vocab)?; // [n, vocab]
-            self.blas.gemm_bf16(&xb, &self.head, &mut lb, n, vocab, hd)?;
-            let mut lf = dev.zeros::<f32>(n * vocab)?;
-            self.glue.to_f32(&lb, &mut lf, n * vocab)?;
+            let mut lf = dev.zeros::<f32>(n * vocab)?; // [n, vocab]
+            match &self.head {
+                Mat::Bf16(w) => {
+                    let mut lb = dev.zeros::<bf16>(n * vocab)?;
+                    self.blas.gemm_bf16(&xb, w, &mut lb, n, vocab, hd)?;
+                    self.glue.to_f32(&lb, &mut lf, n * vocab)?;
+                }
+                Mat::F32(w) => self.glue.gemm_f32(&xf, w, &mut lf, n, vocab, hd, 1.0)?,
+            }
             let all = dev.download(&lf)?;
             for &r in &out.logit_rows {
                 out.logits.extend_from_slice(&all[r * vocab..(r + 1) * vocab]);
@@ -276,5 +347,116 @@ impl CudaModel {
         }
         out.hidden = dev.download(&h)?;
         Ok(out)
+    }
+}
+
+/// Full-width benchmarks: random bf16 weights made on the device, decode of one layer timed.
+impl CudaModel {
+    /// A model of `cfg` at [`Precision::Bf16`] with random weights generated on the device
+    /// (seeded; nothing crosses PCIe), for layer benchmarks at full width.
+    pub fn random(
+        dev: Arc<CudaDevice>,
+        cfg: ModelConfig,
+        kernel_cache: Option<&KernelCache>,
+        seed: u32,
+    ) -> Result<Self, CudaModelError> {
+        cfg.validate()?;
+        let blas = BlasGemm::new(&dev)?;
+        let glue = Glue::load(&dev, kernel_cache)?;
+        let mut init = weights::RandomInit { dev: &dev, seed };
+        let (embed, norm, head) = init.top(&cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| init.layer(&cfg, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let freqs: Vec<f32> = cfg.rope_frequencies()?.iter().map(|&f| f as f32).collect();
+        let router = RouterParams {
+            n_experts: cfg.n_routed_experts,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            top_k: cfg.num_experts_per_tok,
+            routed_scaling_factor: cfg.routed_scaling_factor as f32,
+            norm_topk_prob: cfg.norm_topk_prob,
+        };
+        dev.synchronize()?;
+        Ok(Self {
+            freqs: dev.upload(&freqs)?,
+            attention_factor: cfg.rope_attention_factor()? as f32,
+            scale: cfg.softmax_scale()? as f32,
+            blas,
+            glue,
+            precision: Precision::Bf16,
+            embed,
+            norm,
+            head,
+            layers,
+            router,
+            cfg,
+            dev,
+        })
+    }
+
+    /// Fills every cache row with random values (a context as if prefilled).
+    pub fn fill_cache_random(
+        &self,
+        cache: &mut CudaKvCache,
+        seed: u32,
+    ) -> Result<(), CudaModelError> {
+        let ops = self.dev.ops();
+        for (l, lat) in cache.latent.iter_mut().enumerate() {
+            ops.fill_uniform_bf16(lat, seed.wrapping_add(2 * l as u32), 1.0)?;
+        }
+        for (l, lat) in cache.latent_f32.iter_mut().enumerate() {
+            ops.fill_uniform_f32(lat, seed.wrapping_add(2 * l as u32), -1.0, 1.0)?;
+        }
+        for (l, idx) in cache.index.iter_mut().enumerate() {
+            ops.fill_uniform_f32(idx, seed.wrapping_add(2 * l as u32 + 1), -1.0, 1.0)?;
+        }
+        Ok(self.dev.synchronize()?)
+    }
+
+    /// Decode of layer `li` alone for `cache.slots()` sequences, each at position `ctx` (its
+    /// keys `0..=ctx` in the cache): `warmup` untimed runs, then the mean wall time (µs) of
+    /// `iters` runs, the stream synchronised around them (host launch overhead included).
+    pub fn time_decode_layer(
+        &self,
+        li: usize,
+        cache: &mut CudaKvCache,
+        ctx: usize,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<f64, CudaModelError> {
+        let b = cache.slots();
+        if li >= self.layers.len() || ctx >= cache.max_ctx() || iters == 0 {
+            return Err(CudaModelError::Cache(format!(
+                "layer {li} of {}, position {ctx} of max_ctx {}, {iters} iterations",
+                self.layers.len(),
+                cache.max_ctx()
+            )));
+        }
+        let mut step = layer::Step::default();
+        for s in 0..b {
+            let base = (s * cache.max_ctx()) as i32;
+            step.pos.push(ctx as i32);
+            step.row.push(base + ctx as i32);
+            step.base.push(base);
+            step.len.push(ctx as i32 + 1);
+        }
+        let dstep = step.upload(&self.dev)?;
+        let mut h = self.dev.zeros::<f32>(b * self.cfg.hidden_size)?; // [B, hidden]
+        self.dev.ops().fill_uniform_f32(&mut h, 7, -1.0, 1.0)?;
+        let run = |h: &mut CudaSlice<f32>, cache: &mut CudaKvCache| match self.precision {
+            Precision::Bf16 => self.layer_forward(&self.layers[li], li, h, b, &dstep, cache),
+            Precision::F32 => self.layer_forward_f32(&self.layers[li], li, h, b, &dstep, cache),
+        };
+        for _ in 0..warmup {
+            run(&mut h, cache)?;
+        }
+        self.dev.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            run(&mut h, cache)?;
+        }
+        self.dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
     }
 }

@@ -9,7 +9,7 @@
 use super::{ParallelError, RankForwardOptions, RankModel};
 use crate::kv::{BlockAllocator, blocks_for};
 use crate::model::{ForwardOptions, LogitsMode, ModelError, SeqInput};
-use crate::sampling::{SamplingParams, sample};
+use crate::sampling::{Sampled, SamplingParams, sample};
 use crate::weights::TensorSource;
 use fathom_common::ModelConfig;
 use fathom_common::plan::ParallelPlan;
@@ -46,6 +46,9 @@ pub struct GenerateOutput {
     /// Per sequence, per position fed, per MoE layer: the routed experts ascending (only with
     /// `record_routing`).
     pub routed_experts: Vec<Vec<Vec<Vec<u32>>>>,
+    /// Per sequence, per generated token, what the sampler returned (log-prob, mask, top
+    /// log-probs) — only when `sampling.return_mask` or `sampling.top_logprobs > 0`, else empty.
+    pub sampled: Vec<Vec<Sampled>>,
     /// Wall time of every world step on this rank, in seconds (step 0 is the prompt prefill).
     pub step_s: Vec<f64>,
 }
@@ -79,8 +82,10 @@ pub fn generate_on_rank(
         logits: vec![Vec::new(); n_seq],
         stopped: vec![false; n_seq],
         routed_experts: vec![Vec::new(); n_seq],
+        sampled: vec![Vec::new(); n_seq],
         step_s: Vec::new(),
     };
+    let keep_sampled = req.sampling.return_mask || req.sampling.top_logprobs > 0;
     // Per sequence: next input tokens and their start position.
     let mut pending: Vec<(Vec<u32>, usize)> = req.prompts.iter().map(|p| (p.clone(), 0)).collect();
     let mut running: Vec<bool> = vec![req.max_new_tokens > 0; n_seq];
@@ -116,8 +121,12 @@ pub fn generate_on_rank(
         for (i, &s) in active.iter().enumerate() {
             let logits = &fwd.logits[i * v..(i + 1) * v];
             let step = out.generated[s].len() as u64;
-            let tok = sample(logits, &req.sampling, step)?.token;
+            let picked = sample(logits, &req.sampling, step)?;
+            let tok = picked.token;
             out.generated[s].push(tok);
+            if keep_sampled {
+                out.sampled[s].push(picked);
+            }
             if req.keep_logits {
                 out.logits[s].push(logits.to_vec());
             }

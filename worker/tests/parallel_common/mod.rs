@@ -90,6 +90,7 @@ pub fn reference_generate(
         stopped: vec![false],
         routed_experts: vec![Vec::new()],
         step_s: Vec::new(),
+        ..Default::default()
     };
     let (mut tokens, mut pos) = (prompt.to_vec(), 0);
     for _ in 0..new_tokens {
