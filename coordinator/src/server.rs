@@ -106,14 +106,9 @@ pub async fn start_with_metrics(
     } else {
         let limits =
             crate::api::validate::RequestLimits { vocab_size: model.vocab_size, max_context };
-        let api = crate::http::HttpApi::new(
-            engine.clone(),
-            model_name(model_dir),
-            codec.clone(),
-            limits,
-            model.eos_ids(),
-            MAX_REQUEST_BYTES,
-        );
+        let served = crate::http::Served::new(model_name(model_dir), codec.clone(), limits);
+        let api =
+            crate::http::HttpApi::new(engine.clone(), served, model.eos_ids(), MAX_REQUEST_BYTES);
         let http = TcpListener::bind(&c.http_listen)
             .await
             .map_err(|e| ServerError::Listen(format!("http {}: {e}", c.http_listen)))?;

@@ -7,7 +7,8 @@
 //!   output for the same prompt (the chat prompts are written out here by hand in the
 //!   DeepSeek-V3.2 format, not rendered by the code under test).
 //! - Bad requests get 400s in OpenAI's error shape naming the field; an unknown model gets 404;
-//!   a raw SSE stream ends with `data: [DONE]`; a coordinator that is not serving answers 503.
+//!   a raw SSE stream ends with `data: [DONE]`; a full queue answers 429 and a coordinator that
+//!   is not serving 503.
 //!
 //! Python 3 with `venv` and pip access to PyPI are required: without them the test FAILS saying
 //! what is missing (`scripts/deps.sh` installs python3-venv on Debian).
@@ -446,6 +447,21 @@ async fn bad_requests_get_openai_shaped_errors() {
     }
     assert_eq!(streamed, want.text);
     assert_eq!(finish, want.finish);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    // `--max-queue 0`: every request finds the admission queue full.
+    let http_addr = format!("127.0.0.1:{}", port());
+    let _c = Cluster::start(Opts {
+        extra: vec!["--http".into(), http_addr.clone(), "--max-queue".into(), "0".into()],
+        ..Default::default()
+    })
+    .expect("cluster");
+    let body = json!({"prompt": "hi", "max_tokens": 2});
+    let r = http(&http_addr, "POST", "/v1/completions", body.to_string().as_bytes());
+    let e = assert_error(&r, 429, None, "queue full");
+    assert_eq!(e["error"]["code"], "queue_full");
 }
 
 #[test]

@@ -19,6 +19,8 @@ pub mod error;
 pub mod pipe;
 pub mod request;
 pub mod respond;
+#[cfg(test)]
+mod tests;
 
 use crate::api::status::invalid;
 use crate::api::validate::RequestLimits;
@@ -41,39 +43,50 @@ use tokio::net::TcpListener;
 /// Bodies up to this many times the limit are drained before the 400 is sent.
 pub const DRAIN_FACTOR: usize = 4;
 
-/// Everything the handlers share.
+/// What requests are parsed and checked against: the served model and its text layer.
 #[derive(Debug)]
-pub struct HttpApi {
-    pub(crate) engine: EngineHandle,
+pub struct Served {
     /// The only `model` accepted (the checkpoint directory's name).
-    pub(crate) model_name: String,
-    pub(crate) limits: RequestLimits,
-    pub(crate) codec: Option<TextCodec>,
+    pub model_name: String,
+    pub limits: RequestLimits,
+    pub codec: Option<TextCodec>,
     /// The chat format, or why the tokenizer cannot render it.
-    pub(crate) template: Result<ChatTemplate, String>,
-    /// Ids that end generation and are not output as text.
-    pub(crate) eos_ids: Vec<u32>,
-    pub(crate) max_body_bytes: usize,
+    pub template: Result<ChatTemplate, String>,
 }
 
-impl HttpApi {
-    /// The API over `engine`. Chat needs the tokenizer's DeepSeek special tokens; without them
-    /// chat requests are answered 400 naming the missing token.
-    pub fn new(
-        engine: EngineHandle,
-        model_name: String,
-        codec: Option<TextCodec>,
-        limits: RequestLimits,
-        eos_ids: Vec<u32>,
-        max_body_bytes: usize,
-    ) -> Self {
+impl Served {
+    /// Chat needs the tokenizer's DeepSeek special tokens; without them chat requests are
+    /// answered 400 naming the missing token.
+    pub fn new(model_name: String, codec: Option<TextCodec>, limits: RequestLimits) -> Self {
         let template = match &codec {
             None => Err("the model directory has no tokenizer.json".to_string()),
             Some(c) => SpecialTokens::from_tokenizer(c.tokenizer())
                 .map(ChatTemplate::new)
                 .map_err(|e| e.to_string()),
         };
-        Self { engine, model_name, limits, codec, template, eos_ids, max_body_bytes }
+        Self { model_name, limits, codec, template }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct HttpApi {
+    pub(crate) engine: EngineHandle,
+    pub(crate) served: Served,
+    /// Ids that end generation and are not output as text.
+    pub(crate) eos_ids: Vec<u32>,
+    pub(crate) max_body_bytes: usize,
+}
+
+impl HttpApi {
+    /// The API over `engine`.
+    pub fn new(
+        engine: EngineHandle,
+        served: Served,
+        eos_ids: Vec<u32>,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self { engine, served, eos_ids, max_body_bytes }
     }
 }
 
@@ -109,7 +122,7 @@ async fn chat(State(api): State<Arc<HttpApi>>, req: Request) -> Response {
 
 async fn generate(api: &HttpApi, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
     let body = read_body(req, api.max_body_bytes).await?;
-    let job = request::parse(api, endpoint, &body)?;
+    let job = request::parse(&api.served, endpoint, &body)?;
     respond::respond(api, job).await
 }
 
@@ -148,11 +161,11 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
 
 fn model_card(api: &HttpApi) -> serde_json::Value {
     json!({
-        "id": api.model_name,
+        "id": api.served.model_name,
         "object": "model",
         "created": 0,
         "owned_by": "fathom",
-        "max_model_len": api.limits.max_context,
+        "max_model_len": api.served.limits.max_context,
     })
 }
 
@@ -161,8 +174,8 @@ async fn models(State(api): State<Arc<HttpApi>>) -> Response {
 }
 
 async fn model(State(api): State<Arc<HttpApi>>, Path(id): Path<String>) -> Response {
-    if id != api.model_name {
-        return ApiError::unknown_model(&id, &api.model_name).into_response();
+    if id != api.served.model_name {
+        return ApiError::unknown_model(&id, &api.served.model_name).into_response();
     }
     respond::json_response(model_card(&api))
 }

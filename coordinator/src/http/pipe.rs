@@ -6,6 +6,9 @@
 //! request's stop sequences ([`StopMatcher`]: the stop string itself is not output) and, for chat,
 //! the reasoning split ([`ReasoningSplitter`]).
 //!
+//! Logprobs carry each token's own text and its raw bytes (for byte-level vocabularies the bytes
+//! the token stands for, so a character split over tokens can be put back together).
+//!
 //! Invariants: after a stop sequence matched no more tokens are taken (the caller drops the
 //! engine stream, which cancels the request); the concatenated output equals the gRPC path's
 //! `text_delta`s for the same tokens, minus the terminating EOS text, cut at the first stop.
@@ -14,12 +17,20 @@ use crate::engine::detok::TextCodec;
 use crate::text::{IncrementalDecoder, ReasoningSplitter, SpecialTokenMode, StopMatcher};
 use fathom_proto::v1::GenerateChunk;
 
-/// One generated token's logprob and its alternatives, with token text.
+/// A token as logprobs show it: its text alone (a byte of a split character decodes to U+FFFD)
+/// and its raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenText {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token's logprob and its alternatives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
-    pub token: String,
+    pub token: TokenText,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    pub top: Vec<(TokenText, f32)>,
 }
 
 /// What one step of the pipe produced.
@@ -169,7 +180,38 @@ impl Pipe {
         piece.content.push_str(&d.content);
     }
 
-    fn token_text(&self, id: u32) -> String {
-        self.codec.as_ref().map(|c| c.decode(&[id])).unwrap_or_default()
+    fn token_text(&self, id: u32) -> TokenText {
+        let Some(codec) = self.codec.as_ref() else {
+            return TokenText { text: String::new(), bytes: Vec::new() };
+        };
+        let text = codec.decode(&[id]);
+        let tok = codec.tokenizer();
+        let added = tok.get_added_tokens_decoder().contains_key(&id);
+        // A byte-level vocabulary entry spells its bytes with GPT-2's byte → char map; anything
+        // else (added tokens, other vocabularies) is shown by its decoded text.
+        let bytes = match tok.id_to_token(id) {
+            Some(piece) if !added => byte_level_bytes(&piece),
+            _ => None,
+        }
+        .unwrap_or_else(|| text.as_bytes().to_vec());
+        TokenText { text, bytes }
     }
+}
+
+/// The bytes a byte-level BPE piece stands for, or `None` when a char is outside the byte-level
+/// alphabet. The alphabet (GPT-2's): the printable bytes 33..=126, 161..=172 and 174..=255 stand
+/// for themselves; the other 68 bytes, in increasing order, are chars 256, 257, ….
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            if c < 256 {
+                return printable(c).then_some(c as u8);
+            }
+            let rank = c - 256;
+            (0u32..256).filter(|&b| !printable(b)).nth(rank as usize).map(|b| b as u8)
+        })
+        .collect()
 }

@@ -12,7 +12,7 @@
 //! are rejected rather than silently dropped. Extensions: `top_k`, `ignore_eos`, and
 //! `chat_template_kwargs: {"thinking": true}` (or `enable_thinking`) for DeepSeek thinking mode.
 
-use super::HttpApi;
+use super::Served;
 use crate::api::inference::server_seed;
 use crate::api::status::invalid;
 use crate::api::validate::{Validated, validate};
@@ -55,7 +55,7 @@ pub struct Job {
 }
 
 /// Parses and validates a request body for `endpoint`.
-pub fn parse(api: &HttpApi, endpoint: Endpoint, body: &[u8]) -> Result<Job, super::ApiError> {
+pub fn parse(api: &Served, endpoint: Endpoint, body: &[u8]) -> Result<Job, super::ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| invalid("body", format!("malformed JSON: {e}")))?;
     let Value::Object(obj) = value else {
@@ -71,7 +71,7 @@ pub fn parse(api: &HttpApi, endpoint: Endpoint, body: &[u8]) -> Result<Job, supe
 }
 
 fn parse_fields(
-    api: &HttpApi,
+    api: &Served,
     endpoint: Endpoint,
     obj: &Map<String, Value>,
     body: &[u8],
@@ -169,7 +169,7 @@ fn parse_fields(
 }
 
 /// Prompt length in tokens (text is tokenized as `validate` does).
-fn prompt_len(api: &HttpApi, req: &GenerateRequest) -> Result<usize, EngineError> {
+fn prompt_len(api: &Served, req: &GenerateRequest) -> Result<usize, EngineError> {
     match &req.input {
         Some(generate_request::Input::TokenIds(t)) => Ok(t.ids.len()),
         Some(generate_request::Input::Text(text)) => {
@@ -325,7 +325,7 @@ fn prompt(obj: &Map<String, Value>) -> Result<generate_request::Input, EngineErr
 
 /// Renders the chat prompt: (prompt text, thinking opened, tools offered).
 fn chat_prompt(
-    api: &HttpApi,
+    api: &Served,
     obj: &Map<String, Value>,
     body: &[u8],
 ) -> Result<(String, bool, bool), EngineError> {

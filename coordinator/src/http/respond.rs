@@ -8,7 +8,7 @@
 
 use super::HttpApi;
 use super::error::ApiError;
-use super::pipe::{Piece, Pipe, TokenLogprob};
+use super::pipe::{Piece, Pipe, TokenLogprob, TokenText};
 use super::request::{Endpoint, Job};
 use crate::engine::{EngineError, Event, Submission};
 use axum::body::{Body, Bytes};
@@ -45,9 +45,9 @@ fn submit(api: &HttpApi, job: &Job) -> Result<(mpsc::Receiver<Event>, Pipe), Api
         tx,
     })?;
     let hidden = if job.ignore_eos { Vec::new() } else { api.eos_ids.clone() };
-    let think_end = api.template.as_ref().map(|t| t.tokens.think_end.content.as_str());
+    let think_end = api.served.template.as_ref().map(|t| t.tokens.think_end.content.as_str());
     let pipe = Pipe::new(
-        api.codec.clone(),
+        api.served.codec.clone(),
         hidden,
         &job.stops,
         think_end.unwrap_or(""),
@@ -132,7 +132,7 @@ async fn whole(
                 message["reasoning_content"] = json!(out.reasoning);
             }
             if job.tools
-                && let Ok(template) = &api.template
+                && let Ok(template) = &api.served.template
                 && let Ok(parsed) = template.parse_completion(pipe.raw(), job.thinking)
                 && !parsed.tool_calls.is_empty()
             {
@@ -161,7 +161,7 @@ async fn whole(
         "id": job.id,
         "object": object,
         "created": now(),
-        "model": api.model_name,
+        "model": api.served.model_name,
         "choices": [choice],
         "usage": usage(&job, &pipe),
     });
@@ -180,10 +180,10 @@ fn completion_logprobs(job: &Job, lps: &[TokenLogprob], offset: &mut usize) -> V
     let mut offsets = Vec::with_capacity(lps.len());
     for lp in lps {
         offsets.push(*offset);
-        *offset += lp.token.len();
+        *offset += lp.token.text.len();
     }
     json!({
-        "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+        "tokens": lps.iter().map(|l| l.token.text.as_str()).collect::<Vec<_>>(),
         "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
         "top_logprobs": if top == 0 {
             Value::Null
@@ -191,7 +191,7 @@ fn completion_logprobs(job: &Job, lps: &[TokenLogprob], offset: &mut usize) -> V
             lps.iter()
                 .map(|l| {
                     let m: serde_json::Map<String, Value> =
-                        l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect();
+                        l.top.iter().map(|(t, p)| (t.text.clone(), json!(p))).collect();
                     Value::Object(m)
                 })
                 .collect()
@@ -205,7 +205,7 @@ fn chat_logprobs(job: &Job, lps: &[TokenLogprob]) -> Value {
     if job.logprobs.is_none() {
         return Value::Null;
     }
-    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let entry = |token: &TokenText, logprob: f32| json!({"token": token.text, "logprob": logprob, "bytes": token.bytes});
     let content: Vec<Value> = lps
         .iter()
         .map(|l| {
@@ -224,7 +224,7 @@ fn sse(v: &Value) -> Result<Bytes, Infallible> {
 fn stream(api: &HttpApi, job: Job, mut rx: mpsc::Receiver<Event>, mut pipe: Pipe) -> Response {
     let (tx, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let created = now();
-    let model = api.model_name.clone();
+    let model = api.served.model_name.clone();
     let object = match job.endpoint {
         Endpoint::Completion => "text_completion",
         Endpoint::Chat => "chat.completion.chunk",
