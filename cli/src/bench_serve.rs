@@ -93,6 +93,8 @@ pub fn run(a: &Args) -> Result<()> {
         max_step_tokens: Some(8192),
         max_batch: Some(max_n),
         step_timeout_ms: Some(120_000),
+        watchdog_ms: None,
+        migrate_timeout_ms: 0,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async {

@@ -4,8 +4,11 @@
 //! Reads the cluster config, applies flags, starts the engine and the gRPC server, and prints
 //! `fathom: serving on ADDR` on stdout once the first epoch serves. Exits on Ctrl-C or SIGTERM.
 //!
-//! Workers come from `--static-worker ID=HOST:PORT` (repeatable), else from etcd membership
-//! (`membership.etcd_endpoints`), where plans are also published.
+//! Workers come from `--static-worker ID=HOST:PORT` (repeatable: a fixed list, only when asked
+//! for), else from membership: etcd (`membership.etcd_endpoints`), or without etcd the
+//! coordinator's own in-memory store, which it serves to the workers as `fathom.v1.Registry` on
+//! its port (`fathom worker --registry ADDR`). Either way workers register with a lease and the
+//! engine forms plans from the live ones; plans are published to the store.
 
 use crate::worker::load_config;
 use anyhow::{Context, Result, bail};
@@ -13,8 +16,10 @@ use clap::Args;
 use fathom_common::cluster::ClusterConfig;
 use fathom_coordinator::directory::{MembershipDirectory, StaticDirectory};
 use fathom_coordinator::engine::{ServingState, WorkerDirectory};
-use fathom_coordinator::membership::{EtcdMembership, EtcdOptions};
-use fathom_coordinator::server::{Coordinator, start};
+use fathom_coordinator::membership::{
+    EtcdMembership, EtcdOptions, Membership, MemoryMembership, MemoryStore, RegistryService,
+};
+use fathom_coordinator::server::{Coordinator, StartOptions, start_with};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +66,14 @@ pub struct CoordinatorArgs {
     /// `worker.step_deadline_s`).
     #[arg(long)]
     pub step_timeout_ms: Option<u64>,
+    /// A step outstanding this many ms is reported by the watchdog (default: a quarter of the
+    /// step timeout).
+    #[arg(long)]
+    pub watchdog_ms: Option<u64>,
+    /// How long requests of a failed epoch wait to resume on a new one, in ms (0: they end
+    /// UNAVAILABLE at once).
+    #[arg(long, default_value_t = 30_000)]
+    pub migrate_timeout_ms: u64,
 }
 
 impl CoordinatorArgs {
@@ -111,9 +124,22 @@ impl CoordinatorArgs {
             .unwrap_or(Duration::from_secs(cfg.worker.step_deadline_s))
     }
 
-    async fn directory(&self, cfg: &ClusterConfig) -> Result<Arc<dyn WorkerDirectory>> {
+    fn start_options(&self, cfg: &ClusterConfig) -> StartOptions {
+        let mut o = StartOptions::new(self.step_timeout(cfg));
+        if let Some(ms) = self.watchdog_ms {
+            o.watchdog = Duration::from_millis(ms);
+        }
+        o.migrate_timeout = Duration::from_millis(self.migrate_timeout_ms);
+        o
+    }
+
+    /// The worker directory, and the registry to serve when membership is in this process.
+    async fn directory(
+        &self,
+        cfg: &ClusterConfig,
+    ) -> Result<(Arc<dyn WorkerDirectory>, Option<RegistryService>)> {
         if !self.static_workers.is_empty() {
-            return Ok(Arc::new(StaticDirectory::parse(&self.static_workers)?));
+            return Ok((Arc::new(StaticDirectory::parse(&self.static_workers)?), None));
         }
         if !cfg.membership.etcd_endpoints.is_empty() {
             let m = EtcdMembership::connect(
@@ -123,9 +149,12 @@ impl CoordinatorArgs {
             )
             .await
             .context("connecting to etcd")?;
-            return Ok(Arc::new(MembershipDirectory::new(Arc::new(m))));
+            return Ok((Arc::new(MembershipDirectory::new(Arc::new(m))), None));
         }
-        bail!("no workers: give --static-worker ID=HOST:PORT or membership.etcd_endpoints");
+        let store = MemoryStore::new()?;
+        let m = MemoryMembership::with_store(store.clone(), &cfg.cluster)?;
+        let registry = RegistryService::new(store, m.keys().clone());
+        Ok((Arc::new(MembershipDirectory::new(Arc::new(m))), Some(registry)))
     }
 }
 
@@ -135,11 +164,13 @@ pub async fn start_coordinator(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Coordinator> {
     let cfg = args.resolve()?;
-    let directory = args.directory(&cfg).await?;
+    let (directory, registry) = args.directory(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.coordinator.listen)
         .await
         .with_context(|| format!("binding {}", cfg.coordinator.listen))?;
-    Ok(start(&cfg, directory, listener, args.step_timeout(&cfg), shutdown).await?)
+    let mut opts = args.start_options(&cfg);
+    opts.registry = registry;
+    Ok(start_with(&cfg, directory, listener, opts, shutdown).await?)
 }
 
 /// Waits until the coordinator serves (or its server ends).

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin_drain;
 mod bench;
 mod bench_comm;
 mod bench_parallel;
@@ -43,6 +44,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Run the worker role (one process, one rank).
     Worker(worker::WorkerArgs),
+    /// Drain a worker (temporary; becomes `fathom admin drain`).
+    Drain(admin_drain::DrainArgs),
 }
 
 /// Cache directory of `fathom up` (resolved here: libraries never read the environment).
@@ -87,6 +90,7 @@ fn main() {
         Command::Up(a) => cache_dir(a.cache_dir.as_deref()).and_then(|c| up::run(&a, &c)),
         Command::Coordinator(a) => coordinator::run(&a),
         Command::Worker(a) => worker::run(&a),
+        Command::Drain(a) => admin_drain::run(&a),
     };
     if let Err(e) = result {
         // One line on stderr, non-zero exit (CLI.md); causes already quoted by their parent are

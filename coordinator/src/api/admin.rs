@@ -1,15 +1,18 @@
 //! `fathom.v1.Admin`: operator API. Every call needs `authorization: Bearer <token>` matching the
 //! configured token (UNAUTHENTICATED otherwise; PERMISSION_DENIED when no token is configured).
 //!
-//! ClusterStatus is served from the engine's snapshot. Drain, expert load, replicas and
-//! rebalance are answered UNIMPLEMENTED until their engine support exists.
+//! ClusterStatus is served from the engine's snapshot (with the watchdog's recent reports and
+//! the workers being drained). Drain asks the engine to drain a worker and answers once an epoch
+//! without it serves. Expert load, replicas and rebalance are answered UNIMPLEMENTED until their
+//! engine support exists.
 
 use crate::engine::{EngineHandle, ServingState};
 use fathom_proto::v1::admin_server::Admin;
 use fathom_proto::v1::{
     ClusterState, ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse,
-    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, RebalanceRequest, RebalanceResponse,
-    SetExpertReplicasRequest, SetExpertReplicasResponse, WorkerHealth, WorkerStatus,
+    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, RankProgress, RebalanceRequest,
+    RebalanceResponse, SetExpertReplicasRequest, SetExpertReplicasResponse, WatchdogReport,
+    WorkerHealth, WorkerStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,7 +69,9 @@ impl Admin for AdminApi {
                 device: String::new(),
                 rank: Some(r.rank),
                 group: Some(r.rank / tp),
-                health: if s.state == ServingState::Serving && r.healthy {
+                health: if s.draining.contains(&r.worker_id) {
+                    WorkerHealth::Draining
+                } else if s.state == ServingState::Serving && r.healthy {
                     WorkerHealth::Serving
                 } else {
                     WorkerHealth::Unhealthy
@@ -98,7 +103,25 @@ impl Admin for AdminApi {
             tp: s.tp,
             groups,
             queue_depth: s.queue_depth,
-            watchdog: Vec::new(),
+            watchdog: s
+                .watchdog
+                .iter()
+                .map(|w| WatchdogReport {
+                    epoch: w.epoch,
+                    step_id: w.step_id,
+                    stalled_ms: w.stalled_ms,
+                    missing: w
+                        .missing
+                        .iter()
+                        .map(|m| RankProgress {
+                            rank: m.rank,
+                            layer: m.layer,
+                            phase: m.phase.clone(),
+                        })
+                        .collect(),
+                    reported_at_unix_ms: w.reported_at_unix_ms,
+                })
+                .collect(),
         }))
     }
 
@@ -107,7 +130,12 @@ impl Admin for AdminApi {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("drain is not implemented yet"))
+        let worker_id = request.into_inner().worker_id;
+        if worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        let epoch = self.engine.drain(worker_id).await.map_err(Status::from)?;
+        Ok(Response::new(DrainResponse { epoch }))
     }
 
     async fn expert_load(
