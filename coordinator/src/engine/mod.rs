@@ -197,8 +197,12 @@ impl EngineHandle {
     /// Queues a request. Fails with `QueueFull` when `max_queue` requests already wait for
     /// admission, `Unavailable` when the engine is not serving or has stopped.
     pub fn submit(&self, sub: Submission) -> Result<(), EngineError> {
-        let state = self.status().state;
-        let held = self.hold && state == ServingState::Reconfiguring;
+        let status = self.status();
+        let state = status.state;
+        // While a failed epoch is being replaced, requests are held (queued) too.
+        let held = self.hold
+            && (state == ServingState::Reconfiguring
+                || (state == ServingState::Preparing && status.epoch > 0));
         if state != ServingState::Serving && !held {
             return Err(EngineError::Unavailable("the cluster is not serving yet".into()));
         }
