@@ -500,6 +500,7 @@ impl Engine {
 
     fn publish_status(&self, links: &[WorkerLink], ewma: f64) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let new_epoch = st.epoch != self.epoch;
         st.epoch = self.epoch;
         st.kv_blocks_used = self.groups.iter().map(|g| g.pool.used() as u32).sum();
         st.kv_blocks_total = self.groups.iter().map(|g| g.pool.total() as u32).sum();
@@ -515,8 +516,13 @@ impl Engine {
             .collect();
         st.overhead_us_ewma = ewma;
         st.steps = self.step_id;
-        if st.ranks.len() != links.len()
-            || st.ranks.iter().zip(links).any(|(a, b)| a.rank != b.rank)
+        if new_epoch
+            || st.ranks.len() != links.len()
+            || st
+                .ranks
+                .iter()
+                .zip(links)
+                .any(|(a, b)| a.rank != b.rank || a.worker_id != b.worker_id)
         {
             st.ranks = links
                 .iter()
