@@ -36,11 +36,14 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
         "--step-timeout-ms=20000".into(),
         "--migrate-timeout-ms=60000".into(),
     ];
+    let t0 = Instant::now();
     let mut c = Cluster::start_registry(2, 2, extra).expect("registry cluster W=2");
+    eprintln!("started after {:?}", t0.elapsed());
     let reference = Reference::load(&c.model).unwrap();
     let p = vec![3, 1, 4, 1, 5, 9, 2, 6];
     let n = 300;
     let want = reference.greedy(&p, n).unwrap();
+    eprintln!("reference after {:?}", t0.elapsed());
     let mut client = c.client().await.unwrap();
     let stream = {
         let mut client = client.clone();
@@ -74,6 +77,7 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
     let w1 = s.workers.iter().find(|w| w.worker_id == "w1").expect("w1 in status");
     assert!(w1.detail.contains("watchdog"), "{w1:?}");
     let epoch = s.epoch;
+    eprintln!("first report after {:?}", t0.elapsed());
     signal(pid, "CONT");
     eventually(Duration::from_secs(15), || async {
         let s = c.status().await;
@@ -88,6 +92,7 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
     signal(pid, "STOP");
     wait_report(&c, 1, reports).await;
     signal(pid, "KILL");
+    eprintln!("killed after {:?}", t0.elapsed());
     let _ = c.workers[1].wait();
     c.restart_registry_worker(1).unwrap();
     let got = tokio::time::timeout(Duration::from_secs(120), stream)
@@ -96,6 +101,7 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
         .unwrap()
         .expect("no client error");
     assert_eq!(got, want, "the stream equals an undisturbed run");
+    eprintln!("stream done after {:?}", t0.elapsed());
     let s = c.status().await;
     assert!(s.epoch > epoch, "a new epoch after the kill: {s:?}");
     let q = [7u32, 8, 9];
