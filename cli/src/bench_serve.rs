@@ -95,6 +95,7 @@ pub fn run(a: &Args) -> Result<()> {
         step_timeout_ms: Some(120_000),
         watchdog_ms: None,
         migrate_timeout_ms: 0,
+        ha_id: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async {

@@ -9,6 +9,13 @@
 //! coordinator's own in-memory store, which it serves to the workers as `fathom.v1.Registry` on
 //! its port (`fathom worker --registry ADDR`). Either way workers register with a lease and the
 //! engine forms plans from the live ones; plans are published to the store.
+//!
+//! High availability (`--ha-id ID`, etcd only): the process campaigns for
+//! `/fathom/<cluster>/coordinator/leader` before it starts serving; a standby waits in the
+//! campaign and, when the leader's lease ends (it died), takes over: it forms the next epoch
+//! (the stored plan's epoch + 1) over the live workers, which fences the old leader's steps.
+//! A leader that loses its lease (etcd unreachable) keeps serving and campaigns again; it steps
+//! down (exits with an error) only once etcd names another leader.
 
 use crate::worker::load_config;
 use anyhow::{Context, Result, bail};
@@ -17,7 +24,8 @@ use fathom_common::cluster::ClusterConfig;
 use fathom_coordinator::directory::{MembershipDirectory, StaticDirectory};
 use fathom_coordinator::engine::{ServingState, WorkerDirectory};
 use fathom_coordinator::membership::{
-    EtcdMembership, EtcdOptions, Membership, MemoryMembership, MemoryStore, RegistryService,
+    EtcdMembership, EtcdOptions, Leadership, Membership, MemoryMembership, MemoryStore,
+    RegistryService,
 };
 use fathom_coordinator::server::{Coordinator, StartOptions, start_with};
 use std::path::PathBuf;
@@ -74,6 +82,10 @@ pub struct CoordinatorArgs {
     /// UNAVAILABLE at once).
     #[arg(long, default_value_t = 30_000)]
     pub migrate_timeout_ms: u64,
+    /// High availability: campaign for leadership of the cluster in etcd as this candidate id;
+    /// serve only while leading (a standby waits, then takes over the plan and the workers).
+    #[arg(long)]
+    pub ha_id: Option<String>,
 }
 
 impl CoordinatorArgs {
@@ -186,9 +198,69 @@ pub async fn wait_serving(c: &mut Coordinator, timeout: Duration) -> Result<()> 
     }
 }
 
+/// Becomes the leader of the cluster in etcd as `id` (waits while another coordinator leads).
+async fn campaign(args: &CoordinatorArgs, id: &str) -> Result<(Arc<dyn Membership>, Leadership)> {
+    let cfg = args.resolve()?;
+    if cfg.membership.etcd_endpoints.is_empty() {
+        bail!("--ha-id needs etcd (membership.etcd_endpoints)");
+    }
+    let m: Arc<dyn Membership> = Arc::new(
+        EtcdMembership::connect(
+            &cfg.membership.etcd_endpoints,
+            &cfg.cluster,
+            EtcdOptions::default(),
+        )
+        .await
+        .context("connecting to etcd")?,
+    );
+    let ttl = Duration::from_secs(cfg.membership.lease_ttl_s);
+    if let Ok(Some(leader)) = m.leader().await {
+        eprintln!("fathom: coordinator {id} stands by (leader: {leader})");
+    }
+    let l = m.campaign(id.to_string(), ttl).await.context("campaigning for leadership")?;
+    eprintln!("fathom: coordinator {id} leads cluster {}", cfg.cluster);
+    Ok((m, l))
+}
+
+/// Resolves (with the reason) once another coordinator leads: after this one's leadership was
+/// lost (e.g. etcd unreachable past the lease), it keeps serving and campaigns again; it only
+/// gives up when etcd names another leader (who then owns the plan and the workers).
+async fn superseded(m: Arc<dyn Membership>, id: String, mut leadership: Leadership) -> String {
+    loop {
+        leadership.lost().await;
+        tracing::warn!("leadership lost; serving on while etcd names no other leader");
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match m.leader().await {
+                Ok(Some(other)) if other != id => return format!("coordinator {other} leads now"),
+                Ok(None) => {
+                    let ttl = Duration::from_secs(2);
+                    if let Ok(Ok(l)) = tokio::time::timeout(ttl, m.campaign(id.clone(), ttl)).await
+                    {
+                        eprintln!("fathom: coordinator {id} leads again");
+                        leadership = l;
+                        break;
+                    }
+                }
+                // Our own key (re-acquired elsewhere) or etcd unreachable: keep serving.
+                _ => {}
+            }
+        }
+    }
+}
+
 pub fn run(args: &CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        let mut lead: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>> =
+            Box::pin(std::future::pending());
+        if let Some(id) = &args.ha_id {
+            let (m, l) = tokio::select! {
+                r = campaign(args, id) => r?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            lead = Box::pin(superseded(m, id.clone(), l));
+        }
         let (tx, mut rx) = tokio::sync::watch::channel(false);
         let mut c = start_coordinator(args, async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -208,6 +280,10 @@ pub fn run(args: &CoordinatorArgs) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 r = &mut c.server => { r??; break }
+                why = &mut lead => {
+                    let _ = tx.send(true);
+                    bail!("stepping down: {why}");
+                }
             }
         }
         let _ = tx.send(true);

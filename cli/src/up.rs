@@ -274,6 +274,7 @@ pub fn run(args: &UpArgs, cache: &Path) -> Result<()> {
         step_timeout_ms: None,
         watchdog_ms: None,
         migrate_timeout_ms: args.migrate_timeout_ms,
+        ha_id: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(serve(args, &coord_args, &mut children, &workers));

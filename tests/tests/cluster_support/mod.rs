@@ -534,3 +534,39 @@ impl Up {
         format!("http://{}", self.addr)
     }
 }
+
+impl Cluster {
+    /// Another coordinator process on this cluster's config and model (e.g. a standby);
+    /// returns it and a receiver of the address it prints in `fathom: serving on ADDR`.
+    pub fn spawn_coordinator(
+        &self,
+        world: usize,
+        extra: &[String],
+    ) -> Result<(Child, std::sync::mpsc::Receiver<String>)> {
+        let listen = format!("127.0.0.1:{}", port());
+        let mut child = Command::new(fathom_bin())
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--model")
+            .arg(&self.model)
+            .args(["--listen", &listen, "--world-size", &world.to_string()])
+            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning another fathom coordinator")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        Ok((child, rx))
+    }
+}
