@@ -16,20 +16,25 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 const TTL: Duration = Duration::from_secs(2);
 
-/// Serves a fresh store's registry on `listener`; returns the coordinator-side membership and
-/// the server task (abort it to "kill the coordinator").
-fn serve(listener: TcpListener) -> (MemoryMembership, tokio::task::JoinHandle<()>) {
+/// Serves a fresh store's registry on `listener`; returns the coordinator-side membership,
+/// the server task and its stop switch ("kill the coordinator": connections are closed).
+fn serve(
+    listener: TcpListener,
+) -> (MemoryMembership, tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>) {
     let store = MemoryStore::new().unwrap();
     let m = MemoryMembership::with_store(store.clone(), "reg").unwrap();
     let svc = RegistryService::new(store, m.keys().clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(svc.into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
             .await
             .unwrap();
     });
-    (m, task)
+    (m, task, stop)
 }
 
 fn info(id: &str) -> WorkerInfo {
@@ -45,7 +50,7 @@ fn info(id: &str) -> WorkerInfo {
 async fn workers_register_through_the_coordinator_registry() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (coord, server) = serve(listener);
+    let (coord, server, stop) = serve(listener);
     let remote = RemoteStore::new(&addr.to_string(), Duration::from_secs(2)).unwrap();
     let worker = RemoteMembership::with_store(remote.clone(), "reg").unwrap();
     let mut watch = coord.watch_workers().await.unwrap();
@@ -70,7 +75,7 @@ async fn workers_register_through_the_coordinator_registry() {
     // Coordinator restart: a fresh, empty store on the same port. The worker's lease is gone
     // there; its registration goes Lost and is re-acquired without restarting the worker.
     let reg = worker.register_worker(info("w1"), TTL).await.unwrap();
-    server.abort();
+    let _ = stop.send(());
     let _ = server.await;
     let mut states = reg.subscribe();
     tokio::time::timeout(TTL * 3, states.wait_for(|s| *s == LeaseState::Lost))
@@ -78,7 +83,7 @@ async fn workers_register_through_the_coordinator_registry() {
         .expect("lost while the coordinator is down")
         .unwrap();
     let listener = TcpListener::bind(addr).await.unwrap();
-    let (coord2, _server2) = serve(listener);
+    let (coord2, _server2, _stop2) = serve(listener);
     tokio::time::timeout(TTL * 5, states.wait_for(|s| matches!(s, LeaseState::Held { .. })))
         .await
         .expect("re-acquired once the coordinator is back")
