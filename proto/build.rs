@@ -2,8 +2,13 @@
 //! set for gRPC server reflection.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos =
-        ["proto/fathom.proto", "proto/inference.proto", "proto/admin.proto", "proto/worker.proto"];
+    let protos = [
+        "proto/fathom.proto",
+        "proto/inference.proto",
+        "proto/admin.proto",
+        "proto/worker.proto",
+        "proto/registry.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

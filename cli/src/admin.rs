@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fathom_proto::v1::admin_client::AdminClient;
 use fathom_proto::v1::{
-    ClusterStatusRequest, ExpertLoadRequest, ExpertReplicaCount, ExplicitReplicas,
+    ClusterStatusRequest, DrainRequest, ExpertLoadRequest, ExpertReplicaCount, ExplicitReplicas,
     RebalanceRequest, SetExpertReplicasRequest, set_expert_replicas_request,
 };
 use serde_json::{Value, json};
@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
-    /// Coordinator gRPC endpoint, e.g. http://127.0.0.1:50051.
+    /// Coordinator gRPC endpoint, e.g. http://127.0.0.1:50051 (or HOST:PORT).
     #[arg(long)]
     pub endpoint: String,
     /// Admin token (default: the FATHOM_ADMIN_TOKEN environment variable).
@@ -39,10 +39,19 @@ pub struct AdminArgs {
 pub enum AdminCommand {
     /// Workers, ranks, groups, epoch and KV usage.
     Status,
+    /// Drain a worker: no new work goes to it, its sequences resume on an epoch without it
+    /// (no client sees an error), then it is asked to shut down. Returns once that epoch serves.
+    Drain {
+        /// Worker id (as in `status`).
+        worker: String,
+    },
     /// Expert load and replicas.
     #[command(subcommand)]
     Experts(ExpertsCommand),
 }
+
+/// How long a drain may take (a new epoch is prepared and the worker's sequences migrate).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ExpertsCommand {
@@ -81,7 +90,12 @@ type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channe
 pub fn run(args: AdminArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let out = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())
+        let url = if args.endpoint.contains("://") {
+            args.endpoint.clone()
+        } else {
+            format!("http://{}", args.endpoint)
+        };
+        let channel = tonic::transport::Endpoint::from_shared(url)
             .with_context(|| format!("endpoint {:?}", args.endpoint))?
             .connect()
             .await
@@ -102,6 +116,7 @@ pub fn run(args: AdminArgs) -> Result<()> {
 async fn run_command(c: &mut Client, cmd: &AdminCommand) -> Result<Value> {
     match cmd {
         AdminCommand::Status => status(c).await,
+        AdminCommand::Drain { worker } => drain(c, worker).await,
         AdminCommand::Experts(ExpertsCommand::Load) => expert_load(c).await,
         AdminCommand::Experts(ExpertsCommand::Set { spec }) => set(c, spec).await,
         AdminCommand::Experts(ExpertsCommand::Rebalance { dry_run }) => {
@@ -113,6 +128,18 @@ async fn run_command(c: &mut Client, cmd: &AdminCommand) -> Result<Value> {
 /// One line naming the gRPC code and message.
 fn rpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {:?}: {}", s.code(), s.message())
+}
+
+async fn drain(c: &mut Client, worker: &str) -> Result<Value> {
+    let mut req = tonic::Request::new(DrainRequest { worker_id: worker.to_string() });
+    req.set_timeout(DRAIN_TIMEOUT);
+    let epoch = c
+        .drain(req)
+        .await
+        .map_err(|e| rpc_error(&format!("drain {worker}"), e))?
+        .into_inner()
+        .epoch;
+    Ok(json!({ "worker": worker, "epoch": epoch }))
 }
 
 async fn status(c: &mut Client) -> Result<Value> {
@@ -242,6 +269,13 @@ fn print(cmd: &AdminCommand, v: &Value, as_json: bool) {
                     w["rank"], w["worker_id"], w["address"], w["health"]
                 );
             }
+        }
+        AdminCommand::Drain { .. } => {
+            println!(
+                "fathom: worker {} drained; epoch {} serves without it",
+                v["worker"].as_str().unwrap_or_default(),
+                v["epoch"]
+            );
         }
         AdminCommand::Experts(ExpertsCommand::Load) => {
             println!(

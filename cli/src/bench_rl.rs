@@ -279,6 +279,7 @@ fn run_once(
             step_id: *step_id,
             groups: vec![GroupStep { group: 0, seqs, released_seq_ids: Vec::new() }],
             flags: None,
+            ..Default::default()
         };
         let t0 = Instant::now();
         let results = ex.execute(&req)?;

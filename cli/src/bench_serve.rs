@@ -95,6 +95,9 @@ pub fn run(a: &Args) -> Result<()> {
         max_batch: Some(max_n),
         step_timeout_ms: Some(120_000),
         metrics_listen: None,
+        watchdog_ms: None,
+        migrate_timeout_ms: 0,
+        ha_id: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async {

@@ -2,9 +2,15 @@
 //! processes spawned as `fathom worker --id wN --listen 127.0.0.1:P --advertise 127.0.0.1:P
 //! --config FILE` (explicit flags, never environment variables).
 //!
-//! Membership: without `--etcd` the coordinator is given its workers explicitly (a static worker
-//! directory built from the processes it spawned), so no store has to be shared between
-//! processes; with `--etcd URL` the config names the store.
+//! Membership: workers register with a lease either way — without `--etcd` in the coordinator's
+//! in-memory registry (`fathom worker --registry ADDR`: the coordinator starts first, in this
+//! process, and serves it on its port), with `--etcd URL` in etcd — and the coordinator forms
+//! its plans from the live registrations (one code path).
+//!
+//! Worker loss: a worker that exits is restarted with the same id and address (as a Kubernetes
+//! StatefulSet restarts a pod; `--no-restart` disables it); the coordinator migrates the
+//! requests of the failed epoch and resumes them on the next epoch, which takes the restarted
+//! worker back. Each start prints `fathom: worker ID pid P on ADDR` on stderr.
 //!
 //! Without `--model` the `tiny` preset is synthesized once into the cache directory
 //! (`--cache-dir`, default `$XDG_CACHE_HOME/fathom` or `~/.cache/fathom`, resolved by `main`).
@@ -83,19 +89,98 @@ pub struct UpArgs {
     /// Each worker serves its own on a free port, printed on stderr.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_listen: String,
+    /// Do not restart a worker that exits (by default it is restarted with the same id and
+    /// address, as a Kubernetes StatefulSet would, and rejoins at the next epoch).
+    #[arg(long)]
+    pub no_restart: bool,
+    /// How long requests of a failed epoch wait to resume on a new one, in ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub migrate_timeout_ms: u64,
 }
 
-/// Every child process; killed and reaped on drop.
-#[derive(Debug, Default)]
-struct Children(Vec<(String, Child)>);
+/// One worker process as `fathom up` runs it (like a StatefulSet pod: a stable id and address).
+#[derive(Debug)]
+struct WorkerProc {
+    id: String,
+    addr: String,
+    child: Child,
+    started: Instant,
+    /// Exits within [`QUICK_EXIT`] of starting, in a row.
+    quick_exits: u32,
+}
+
+/// Every worker process; killed and reaped on drop. Dead workers are restarted with the same id
+/// and address (unless disabled), so the coordinator's next epoch can take them back.
+#[derive(Debug)]
+struct Children {
+    exe: PathBuf,
+    config: PathBuf,
+    /// The coordinator's registry address (clusters without etcd).
+    registry: Option<String>,
+    restart: bool,
+    workers: Vec<WorkerProc>,
+    /// Metrics and telemetry flags every worker gets.
+    extra_args: Vec<String>,
+}
+
+/// The flags `fathom up` passes on to each worker: a free metrics port when the coordinator
+/// serves metrics, and the telemetry settings (log format, OTLP endpoint).
+fn worker_extra_args(args: &UpArgs, telemetry: &TelemetryArgs) -> Vec<String> {
+    let metrics = if args.metrics_listen.is_empty() { "" } else { "127.0.0.1:0" };
+    let mut v = vec!["--metrics-listen".to_string(), metrics.to_string()];
+    v.extend(telemetry.child_args());
+    v
+}
+
+/// A worker exiting this soon after its start counts as a failed start.
+const QUICK_EXIT: Duration = Duration::from_secs(3);
+/// Failed starts in a row after which `fathom up` gives up on a worker.
+const MAX_QUICK_EXITS: u32 = 5;
 
 impl Children {
-    /// Exits of children that already ended (a worker that died during start-up).
+    fn spawn(&self, id: &str, addr: &str) -> Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("worker").arg("--config").arg(&self.config).args([
+            "--id",
+            id,
+            "--listen",
+            addr,
+            "--advertise",
+            addr,
+        ]);
+        if let Some(r) = &self.registry {
+            cmd.args(["--registry", r]);
+        }
+        cmd.args(&self.extra_args);
+        let child =
+            cmd.stdin(Stdio::null()).spawn().with_context(|| format!("spawning worker {id}"))?;
+        eprintln!("fathom: worker {id} pid {} on {addr}", child.id());
+        Ok(child)
+    }
+
+    fn start(&mut self, id: String, addr: String) -> Result<()> {
+        let child = self.spawn(&id, &addr)?;
+        self.workers.push(WorkerProc { id, addr, child, started: Instant::now(), quick_exits: 0 });
+        Ok(())
+    }
+
+    /// Restarts workers that exited (or fails when restarting is off, or a worker keeps failing
+    /// to start).
     fn check(&mut self) -> Result<()> {
-        for (name, c) in &mut self.0 {
-            if let Some(status) = c.try_wait()? {
-                bail!("{name} exited early with {status}");
+        for i in 0..self.workers.len() {
+            let Some(status) = self.workers[i].child.try_wait()? else { continue };
+            let w = &self.workers[i];
+            if !self.restart {
+                bail!("worker {} exited with {status}", w.id);
             }
+            let quick = if w.started.elapsed() < QUICK_EXIT { w.quick_exits + 1 } else { 0 };
+            if quick >= MAX_QUICK_EXITS {
+                bail!("worker {} failed to start {quick} times in a row (last: {status})", w.id);
+            }
+            eprintln!("fathom: worker {} exited with {status}; restarting it", w.id);
+            let child = self.spawn(&w.id, &w.addr)?;
+            let w = &mut self.workers[i];
+            (w.child, w.started, w.quick_exits) = (child, Instant::now(), quick);
         }
         Ok(())
     }
@@ -103,17 +188,17 @@ impl Children {
     /// Waits up to `grace` for every child to exit by itself, then kills the rest.
     fn reap(&mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        for (_, c) in &mut self.0 {
+        for w in &mut self.workers {
             while Instant::now() < deadline {
-                if matches!(c.try_wait(), Ok(Some(_))) {
+                if matches!(w.child.try_wait(), Ok(Some(_))) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        for (_, mut c) in self.0.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
+        for mut w in self.workers.drain(..) {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
         }
     }
 }
@@ -173,9 +258,6 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
     std::fs::write(&config_path, cfg.to_toml())?;
 
     let exe = std::env::current_exe().context("locating the fathom binary")?;
-    let mut children = Children::default();
-    let mut statics = Vec::new();
-    let mut worker_addrs = Vec::new();
     // Distinct ports: every probe listener stays bound until all are picked.
     let probes = (0..args.workers)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -186,29 +268,21 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<std::io::Result<Vec<_>>>()?;
     drop(probes);
-    for (i, port) in ports.into_iter().enumerate() {
-        let id = format!("w{i}");
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(&exe)
-            .arg("worker")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--id")
-            .arg(&id)
-            .arg("--listen")
-            .arg(&addr)
-            .arg("--advertise")
-            .arg(&addr)
-            .arg("--metrics-listen")
-            .arg(if args.metrics_listen.is_empty() { "" } else { "127.0.0.1:0" })
-            .args(telemetry.child_args())
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawning worker {id}"))?;
-        children.0.push((format!("worker {id}"), child));
-        statics.push(format!("{id}={addr}"));
-        worker_addrs.push(addr);
-    }
+    let workers: Vec<(String, String)> = ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, port)| (format!("w{i}"), format!("127.0.0.1:{port}")))
+        .collect();
+    let mut children = Children {
+        exe,
+        config: config_path.clone(),
+        registry: None,
+        restart: !args.no_restart,
+        workers: Vec::new(),
+        extra_args: worker_extra_args(args, telemetry),
+    };
+    // Workers register through membership: etcd with `--etcd`, else the coordinator's own
+    // in-memory registry (the coordinator starts first so its address is known).
     let coord_args = CoordinatorArgs {
         config: Some(config_path.clone()),
         listen: None,
@@ -216,8 +290,7 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
         model: None,
         world_size: None,
         tp: None,
-        // With etcd the coordinator discovers the workers there; else it is told them.
-        static_workers: if args.etcd.is_some() { Vec::new() } else { statics },
+        static_workers: Vec::new(),
         admin_token: Some(match &args.admin_token {
             Some(t) => t.clone(),
             None => {
@@ -233,10 +306,14 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
         max_batch: None,
         step_timeout_ms: None,
         metrics_listen: Some(args.metrics_listen.clone()),
+        watchdog_ms: None,
+        migrate_timeout_ms: args.migrate_timeout_ms,
+        ha_id: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(serve(args, &coord_args, &mut children, &worker_addrs));
-    rt.block_on(stop_workers(&worker_addrs));
+    let result = rt.block_on(serve(args, &coord_args, &mut children, &workers));
+    let addrs: Vec<String> = workers.iter().map(|(_, a)| a.clone()).collect();
+    rt.block_on(stop_workers(&addrs));
     children.reap(Duration::from_secs(5));
     rt.shutdown_timeout(Duration::from_secs(1));
     result
@@ -256,7 +333,7 @@ async fn serve(
     args: &UpArgs,
     coord_args: &CoordinatorArgs,
     children: &mut Children,
-    _workers: &[String],
+    workers: &[(String, String)],
 ) -> Result<()> {
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let (mut c, metrics) = start_coordinator(coord_args, async move {
@@ -265,6 +342,12 @@ async fn serve(
     .await?;
     if let Some(a) = metrics {
         println!("fathom: metrics on http://{a}/metrics");
+    }
+    if args.etcd.is_none() {
+        children.registry = Some(c.addr.to_string());
+    }
+    for (id, addr) in workers {
+        children.start(id.clone(), addr.clone())?;
     }
     let ready = Duration::from_secs(args.ready_timeout_s);
     let started = Instant::now();
@@ -323,7 +406,7 @@ async fn serve(
     outcome
 }
 
-/// Resolves with an error as soon as a child exits.
+/// Restarts workers that exit; resolves with an error when that is not possible.
 async fn watch_children(children: &mut Children) -> Result<()> {
     loop {
         children.check()?;

@@ -54,8 +54,37 @@ pub struct Coordinator {
     pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// Settings of [`start_with`] beyond the cluster config.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// A step not answered by every rank within this time fails its epoch.
+    pub step_timeout: Duration,
+    /// A step outstanding this long is reported by the watchdog.
+    pub watchdog: Duration,
+    /// How long requests of a failed epoch wait to resume on a new one (0: they fail at once).
+    pub migrate_timeout: Duration,
+    /// The in-memory membership registry workers register with (clusters without etcd).
+    pub registry: Option<crate::membership::RegistryService>,
+    /// The engine's metrics (registered by the caller, who serves them; default: registered
+    /// nowhere).
+    pub metrics: Arc<CoordinatorMetrics>,
+}
+
+impl StartOptions {
+    /// Defaults for `step_timeout`: watchdog at a quarter of it, requests held 30 s, no registry.
+    pub fn new(step_timeout: Duration) -> Self {
+        Self {
+            step_timeout,
+            watchdog: step_timeout / 4,
+            migrate_timeout: Duration::from_secs(30),
+            registry: None,
+            metrics: Arc::new(CoordinatorMetrics::detached()),
+        }
+    }
+}
+
 /// Starts the engine and the gRPC server on `listener`; the server stops when `shutdown`
-/// completes. The engine's metrics are registered nowhere (see [`start_with_metrics`]).
+/// completes. The engine's metrics are registered nowhere (see [`StartOptions::metrics`]).
 pub async fn start(
     cfg: &ClusterConfig,
     directory: Arc<dyn WorkerDirectory>,
@@ -63,19 +92,18 @@ pub async fn start(
     step_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Coordinator, ServerError> {
-    let metrics = Arc::new(CoordinatorMetrics::detached());
-    start_with_metrics(cfg, directory, listener, step_timeout, shutdown, metrics).await
+    start_with(cfg, directory, listener, StartOptions::new(step_timeout), shutdown).await
 }
 
-/// [`start`] with the engine updating `metrics` (registered by the caller, who serves them).
-pub async fn start_with_metrics(
+/// [`start`] with [`StartOptions`]: also serves `fathom.v1.Registry` when a registry is given.
+pub async fn start_with(
     cfg: &ClusterConfig,
     directory: Arc<dyn WorkerDirectory>,
     listener: TcpListener,
-    step_timeout: Duration,
+    opts: StartOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    metrics: Arc<CoordinatorMetrics>,
 ) -> Result<Coordinator, ServerError> {
+    let step_timeout = opts.step_timeout;
     let model_dir = &cfg.model.path;
     let model = ModelConfig::from_file(&model_dir.join("config.json"))
         .map_err(|e| ServerError::Model(e.to_string()))?;
@@ -90,6 +118,8 @@ pub async fn start_with_metrics(
         kv_block_size: c.kv_block_size,
         kv_blocks: c.kv_blocks,
         step_timeout,
+        watchdog: opts.watchdog,
+        migrate_timeout: opts.migrate_timeout,
         world_size: cfg.parallel.world_size,
         tp: cfg.parallel.tp,
         model_path: model_dir.display().to_string(),
@@ -98,8 +128,13 @@ pub async fn start_with_metrics(
         cluster: cfg.cluster.clone(),
         experts: crate::experts::ExpertsConfig::from_cluster(cfg),
     };
-    let (engine, state) =
-        spawn_engine_with_metrics(engine_cfg, model.clone(), codec.clone(), directory, metrics);
+    let (engine, state) = spawn_engine_with_metrics(
+        engine_cfg,
+        model.clone(),
+        codec.clone(),
+        directory,
+        opts.metrics.clone(),
+    );
     let shutdown = shutdown.shared();
     let http_addr = if c.http_listen.is_empty() {
         None
@@ -159,7 +194,8 @@ pub async fn start_with_metrics(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(inference).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES));
+        .add_service(AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_optional_service(opts.registry.map(|r| r.into_server()));
     let server = tokio::spawn(
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );

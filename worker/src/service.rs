@@ -18,8 +18,8 @@ use fathom_kernels::comm::{Collective, CommOptions, TcpComm};
 use fathom_proto::v1::worker_server::Worker;
 use fathom_proto::v1::{
     PrepareEpochRequest, PrepareEpochResponse, ShutdownRequest, ShutdownResponse, StepEvent,
-    StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, WorkerState, rendezvous,
-    step_event,
+    StepProgress, StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, WorkerState,
+    rendezvous, step_event,
 };
 use futures::StreamExt;
 use std::pin::Pin;
@@ -295,6 +295,13 @@ impl Worker for WorkerService {
                 let started = Instant::now();
                 let inner2 = inner.clone();
                 let (epoch, step_id) = (step.epoch, step.step_id);
+                // The coordinator's watchdog tells "never started" from "stuck executing".
+                let progress =
+                    StepProgress { epoch, step_id, rank, layer: -1, phase: "started".into() };
+                let event = StepEvent { kind: Some(step_event::Kind::Progress(progress)) };
+                if tx.send(Ok(event)).await.is_err() {
+                    break;
+                }
                 let span = tracing::debug_span!("step", epoch, step_id, rank);
                 crate::telemetry::parent_from_carrier(&span, &step.trace_context);
                 let metrics = metrics.clone();

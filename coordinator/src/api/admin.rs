@@ -1,10 +1,11 @@
 //! `fathom.v1.Admin`: operator API. Every call needs `authorization: Bearer <token>` matching the
 //! configured token (UNAUTHENTICATED otherwise; PERMISSION_DENIED when no token is configured).
 //!
-//! ClusterStatus is served from the engine's snapshot. ExpertLoad, SetExpertReplicas and
-//! Rebalance go to the engine's expert runtime (`crate::experts`); their errors map to statuses
-//! through `api/status.rs` (invalid layer/expert/count → INVALID_ARGUMENT, a change still
-//! loading or no epoch → UNAVAILABLE). Drain is UNIMPLEMENTED until its engine support exists.
+//! ClusterStatus is served from the engine's snapshot (with the watchdog's recent reports and
+//! the workers being drained). Drain asks the engine to drain a worker and answers once an epoch
+//! without it serves. ExpertLoad, SetExpertReplicas and Rebalance go to the engine's expert
+//! runtime (`crate::experts`). Every error maps to a status through `api/status.rs` (invalid
+//! layer/expert/count → INVALID_ARGUMENT, a change still loading or no epoch → UNAVAILABLE).
 
 use crate::engine::EngineError;
 use crate::engine::{EngineHandle, ServingState};
@@ -12,9 +13,9 @@ use fathom_common::plan::ReplicaRequest;
 use fathom_proto::v1::admin_server::Admin;
 use fathom_proto::v1::{
     ClusterState, ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse,
-    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, LayerLoad, RebalanceRequest,
-    RebalanceResponse, SetExpertReplicasRequest, SetExpertReplicasResponse, WorkerHealth,
-    WorkerStatus, set_expert_replicas_request,
+    ExpertLoadRequest, ExpertLoadResponse, GroupStatus, LayerLoad, RankProgress, RebalanceRequest,
+    RebalanceResponse, SetExpertReplicasRequest, SetExpertReplicasResponse, WatchdogReport,
+    WorkerHealth, WorkerStatus, set_expert_replicas_request,
 };
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
@@ -76,7 +77,9 @@ impl Admin for AdminApi {
                 device: String::new(),
                 rank: Some(r.rank),
                 group: Some(r.rank / tp),
-                health: if s.state == ServingState::Serving && r.healthy {
+                health: if s.draining.contains(&r.worker_id) {
+                    WorkerHealth::Draining
+                } else if s.state == ServingState::Serving && r.healthy {
                     WorkerHealth::Serving
                 } else {
                     WorkerHealth::Unhealthy
@@ -108,7 +111,25 @@ impl Admin for AdminApi {
             tp: s.tp,
             groups,
             queue_depth: s.queue_depth,
-            watchdog: Vec::new(),
+            watchdog: s
+                .watchdog
+                .iter()
+                .map(|w| WatchdogReport {
+                    epoch: w.epoch,
+                    step_id: w.step_id,
+                    stalled_ms: w.stalled_ms,
+                    missing: w
+                        .missing
+                        .iter()
+                        .map(|m| RankProgress {
+                            rank: m.rank,
+                            layer: m.layer,
+                            phase: m.phase.clone(),
+                        })
+                        .collect(),
+                    reported_at_unix_ms: w.reported_at_unix_ms,
+                })
+                .collect(),
         }))
     }
 
@@ -117,7 +138,12 @@ impl Admin for AdminApi {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("drain is not implemented yet"))
+        let worker_id = request.into_inner().worker_id;
+        if worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        let epoch = self.engine.drain(worker_id).await.map_err(Status::from)?;
+        Ok(Response::new(DrainResponse { epoch }))
     }
 
     async fn expert_load(

@@ -7,9 +7,10 @@
 
 use fathom_proto::v1::worker_client::WorkerClient;
 use fathom_proto::v1::{
-    Plan, PrepareEpochRequest, PrepareEpochResponse, Rendezvous, StepEvent, StepRequest,
-    StepResult, WorkerHealthRequest, WorkerHealthResponse, rendezvous, step_event,
+    Plan, PrepareEpochRequest, PrepareEpochResponse, Rendezvous, StepEvent, StepProgress,
+    StepRequest, StepResult, WorkerHealthRequest, WorkerHealthResponse, rendezvous, step_event,
 };
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -84,6 +85,8 @@ pub struct WorkerLink {
     pub client: WorkerClient<Channel>,
     tx: Option<mpsc::Sender<StepRequest>>,
     rx: Option<Streaming<StepEvent>>,
+    /// The last progress event the rank sent (for the step watchdog).
+    progress: Arc<Mutex<Option<StepProgress>>>,
 }
 
 impl WorkerLink {
@@ -93,7 +96,12 @@ impl WorkerLink {
         address: String,
         client: WorkerClient<Channel>,
     ) -> Self {
-        Self { rank, worker_id, address, client, tx: None, rx: None }
+        Self { rank, worker_id, address, client, tx: None, rx: None, progress: Arc::default() }
+    }
+
+    /// The last progress the rank reported (shared: readable while a `recv` runs).
+    pub fn progress(&self) -> Arc<Mutex<Option<StepProgress>>> {
+        self.progress.clone()
     }
 
     fn err(&self, reason: impl Into<String>) -> LinkError {
@@ -149,7 +157,8 @@ impl WorkerLink {
         tx.send(step).await.map_err(|_| self.err("step stream closed"))
     }
 
-    /// The next `StepResult` (progress events are skipped), bounded by `timeout`.
+    /// The next `StepResult` (progress events are recorded, see [`progress`](Self::progress)),
+    /// bounded by `timeout`.
     pub async fn recv(&mut self, timeout: Duration) -> Result<StepResult, LinkError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -164,6 +173,9 @@ impl WorkerLink {
                 Ok(Ok(None)) => return Err(self.err("step stream ended")),
                 Ok(Ok(Some(StepEvent { kind: Some(step_event::Kind::Result(r)) }))) => {
                     return Ok(r);
+                }
+                Ok(Ok(Some(StepEvent { kind: Some(step_event::Kind::Progress(p)) }))) => {
+                    *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
                 }
                 Ok(Ok(Some(_))) => continue,
             }

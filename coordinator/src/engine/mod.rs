@@ -8,7 +8,8 @@
 //! status snapshot the Admin API reads.
 //!
 //! Layout: `sched.rs` (pure bookkeeping and batching policy), `link.rs` (gRPC to one worker),
-//! `run.rs` (the loop), `detok.rs` (text deltas).
+//! `run.rs` (the loop), `recovery.rs` (probing workers, migrating requests to a new epoch, the
+//! hold window, drains), `watchdog.rs` (stalled-step reports), `detok.rs` (text deltas).
 //!
 //! Does not own: request validation and error → status mapping (`api/`), plans (`planner/`).
 //!
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+use run::Control;
 pub use run::{WorkerDirectory, spawn_engine, spawn_engine_with_metrics};
 
 /// Why a request failed (mapped to a gRPC status in `api/status.rs` only).
@@ -54,6 +56,11 @@ pub struct EngineConfig {
     pub kv_blocks: usize,
     /// A step not answered by every rank within this time fails its epoch.
     pub step_timeout: Duration,
+    /// A step outstanding this long is reported by the watchdog (ranks and phases missing).
+    pub watchdog: Duration,
+    /// How long requests of a failed epoch wait for a new one (they resume there); zero: they
+    /// end UNAVAILABLE at once.
+    pub migrate_timeout: Duration,
     /// World size and TP of the plans to form.
     pub world_size: usize,
     pub tp: usize,
@@ -109,6 +116,27 @@ pub struct RankStatus {
     pub detail: String,
 }
 
+/// A rank that had not answered a step when the watchdog fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankStalled {
+    pub rank: u32,
+    pub worker_id: String,
+    /// Last layer the rank reported finishing (-1: none).
+    pub layer: i32,
+    /// Last phase it reported for this step (`queued`: none).
+    pub phase: String,
+}
+
+/// One watchdog report (mirrors `fathom.v1.WatchdogReport`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchdogEntry {
+    pub epoch: u64,
+    pub step_id: u64,
+    pub stalled_ms: u64,
+    pub missing: Vec<RankStalled>,
+    pub reported_at_unix_ms: u64,
+}
+
 /// What the Admin API and health reporting read.
 #[derive(Debug, Clone)]
 pub struct StatusSnapshot {
@@ -128,6 +156,15 @@ pub struct StatusSnapshot {
     /// Coordinator time per step excluding the wait for ranks (scheduling + messaging), EWMA.
     pub overhead_us_ewma: f64,
     pub steps: u64,
+    /// Recent watchdog reports, newest first.
+    pub watchdog: Vec<WatchdogEntry>,
+    /// Watchdog reports since start (a metric).
+    pub watchdog_reports: u64,
+    /// Epochs that ended on a failure or drain, and the sequences migrated out of them.
+    pub epochs_failed: u64,
+    pub sequences_migrated: u64,
+    /// Workers being drained.
+    pub draining: Vec<String>,
 }
 
 /// KV and batch usage of one attention group.
@@ -154,6 +191,9 @@ pub struct EngineHandle {
     status: Arc<Mutex<StatusSnapshot>>,
     stats: Arc<Mutex<StepStats>>,
     experts: crate::experts::ExpertsHandle,
+    control: mpsc::UnboundedSender<Control>,
+    /// Whether submissions are held (queued) while the cluster reconfigures.
+    hold: bool,
 }
 
 impl EngineHandle {
@@ -165,7 +205,13 @@ impl EngineHandle {
     /// Queues a request. Fails with `QueueFull` when `max_queue` requests already wait for
     /// admission, `Unavailable` when the engine is not serving or has stopped.
     pub fn submit(&self, sub: Submission) -> Result<(), EngineError> {
-        if self.status().state != ServingState::Serving {
+        let status = self.status();
+        let state = status.state;
+        // While a failed epoch is being replaced, requests are held (queued) too.
+        let held = self.hold
+            && (state == ServingState::Reconfiguring
+                || (state == ServingState::Preparing && status.epoch > 0));
+        if state != ServingState::Serving && !held {
             return Err(EngineError::Unavailable("the cluster is not serving yet".into()));
         }
         let depth = self.pending.fetch_add(1, Ordering::SeqCst);
@@ -177,6 +223,17 @@ impl EngineHandle {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             EngineError::Unavailable("the coordinator is shutting down".into())
         })
+    }
+
+    /// Drains `worker_id`: no new work goes to it, the epoch containing it ends at a step
+    /// boundary, its sequences resume on an epoch without it, and it is asked to shut down.
+    /// Resolves with the epoch that excludes it once that epoch serves.
+    pub async fn drain(&self, worker_id: String) -> Result<u64, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.control
+            .send(Control::Drain { worker_id, reply })
+            .map_err(|_| EngineError::Unavailable("the coordinator is shutting down".into()))?;
+        rx.await.map_err(|_| EngineError::Unavailable("the coordinator is shutting down".into()))?
     }
 
     /// The latest status.

@@ -3,11 +3,12 @@
 //! One task owns all scheduler state. Each iteration: take new submissions; drop sequences whose
 //! client went away or whose deadline passed (blocks freed); admit; build one step (per group);
 //! send it to every rank; wait for every rank's result (bounded by the step timeout); stream the
-//! sampled tokens. Any rank failure ends the epoch: every request in flight or queued ends
-//! UNAVAILABLE (no hang), and a new epoch is formed from the live workers.
+//! sampled tokens. Any rank failure (or a drain) ends the epoch: its requests migrate to the
+//! next epoch formed from the live workers (`recovery.rs`), and stalled steps are reported by
+//! the watchdog (`watchdog.rs`).
 
 use super::detok::TextCodec;
-use super::link::{LinkError, WorkerLink, connect};
+use super::link::{LinkError, WorkerLink};
 use super::sched::{GroupSched, Limits, Seq};
 use super::{
     EngineConfig, EngineError, EngineHandle, Event, GroupUsage, RankStatus, ServingState,
@@ -23,11 +24,18 @@ use fathom_proto::v1::{
     StepResult, Usage,
 };
 use futures::future::BoxFuture;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
+
+#[path = "recovery.rs"]
+mod recovery;
+#[path = "watchdog.rs"]
+mod watchdog;
+pub(crate) use recovery::Control;
 
 /// Where the engine learns which workers are live.
 pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
@@ -48,6 +56,8 @@ pub trait WorkerDirectory: Send + Sync + std::fmt::Debug {
 /// How long PrepareEpoch may take (shard loading of a big checkpoint).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often an idle engine looks at operator requests.
+const IDLE_CONTROL_POLL: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_millis(300);
 const MAX_STAT_SAMPLES: usize = 200_000;
 /// How often a blocked engine (nothing runnable) re-checks cancellations and deadlines.
@@ -88,6 +98,15 @@ struct Engine {
     metrics: Arc<CoordinatorMetrics>,
     /// Expert load counters and live placement changes (issue 9).
     experts: crate::experts::ExpertsHandle,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    /// Workers being drained (left out of plans, see `recovery.rs`).
+    draining: HashSet<String>,
+    /// Drains waiting for an epoch without their worker.
+    drain_replies: Vec<(String, oneshot::Sender<Result<u64, EngineError>>)>,
+    /// Addresses of drained workers to shut down once they are out of the plan.
+    drained_addrs: HashMap<String, String>,
+    /// When the requests now waiting for a new epoch started waiting (the hold window).
+    held_since: Option<Instant>,
 }
 
 /// Starts the engine task. Returns the clients' handle and a receiver of the serving state
@@ -127,7 +146,13 @@ pub fn spawn_engine_with_metrics(
         queue_depth: 0,
         overhead_us_ewma: 0.0,
         steps: 0,
+        watchdog: Vec::new(),
+        watchdog_reports: 0,
+        epochs_failed: 0,
+        sequences_migrated: 0,
+        draining: Vec::new(),
     }));
+    let (control, control_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(Mutex::new(StepStats::default()));
     let experts = crate::experts::ExpertsHandle::new(cfg.experts.clone(), model.clone());
     let (state_tx, state_rx) = watch::channel(ServingState::WaitingForWorkers);
@@ -138,6 +163,8 @@ pub fn spawn_engine_with_metrics(
         status: status.clone(),
         stats: stats.clone(),
         experts: experts.clone(),
+        control,
+        hold: !cfg.migrate_timeout.is_zero(),
     };
     let d = (cfg.world_size / cfg.tp).max(1);
     let limits = Limits {
@@ -162,6 +189,11 @@ pub fn spawn_engine_with_metrics(
         next_seq: 1,
         metrics,
         experts,
+        control_rx,
+        draining: HashSet::new(),
+        drain_replies: Vec::new(),
+        drained_addrs: HashMap::new(),
+        held_since: None,
     };
     tokio::spawn(engine.run());
     (handle, state_rx)
@@ -188,13 +220,18 @@ impl Engine {
                         if self.rx.is_closed() {
                             return;
                         }
-                        self.fail_queued(&e);
+                        let _ = self.control(&[]);
+                        self.hold_or_fail(&e);
                         tokio::time::sleep(RETRY).await;
                     }
                 }
             };
+            self.held_since = None;
             self.set_state(ServingState::Serving);
             tracing::info!(epoch = self.epoch, "serving");
+            let plan: Vec<(String, String)> =
+                links.iter().map(|l| (l.worker_id.clone(), l.address.clone())).collect();
+            self.drains_done(&plan);
             match self.serve(&mut links).await {
                 Ok(()) => return, // all handles dropped: shutting down
                 Err(e) => {
@@ -203,17 +240,7 @@ impl Engine {
                     self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
-                    for g in &mut self.groups {
-                        for mut s in g.drain_all() {
-                            s.tag.trace.finish(status::UNAVAILABLE);
-                            let _ = s
-                                .tag
-                                .tx
-                                .try_send(Event::Error(EngineError::Unavailable(msg.clone())));
-                        }
-                        g.released.clear();
-                    }
-                    self.fail_queued(&msg);
+                    self.migrate(&msg);
                     self.publish_status(&links, 0.0);
                 }
             }
@@ -239,6 +266,8 @@ impl Engine {
     /// Plans a new epoch over the live workers and prepares every rank.
     async fn form_epoch(&mut self) -> Result<Vec<WorkerLink>, String> {
         let members = self.directory.live_workers().await?;
+        let mut probed = self.probe_members(members).await;
+        let members: Vec<Member> = probed.iter().map(|p| p.member.clone()).collect();
         let stored = self.directory.current_epoch().await?;
         let inputs = PlanInputs {
             epoch: self.epoch.max(stored).max(self.burned_epoch) + 1,
@@ -254,9 +283,11 @@ impl Engine {
         self.experts.shape_plan(&mut plan)?;
         let mut links = Vec::new();
         for r in &plan.ranks {
-            let client = connect(&r.address, CONNECT_TIMEOUT)
-                .await
-                .map_err(|e| format!("worker {} ({}): {e}", r.worker_id, r.address))?;
+            let i = probed
+                .iter()
+                .position(|p| p.member.worker_id == r.worker_id)
+                .ok_or_else(|| format!("worker {} of the plan was not probed", r.worker_id))?;
+            let client = probed.swap_remove(i).client;
             links.push(WorkerLink::new(r.rank, r.worker_id.clone(), r.address.clone(), client));
         }
         self.directory.publish_plan(&plan).await?;
@@ -301,7 +332,10 @@ impl Engine {
     /// Steps until a rank fails (`Err`) or every client handle is gone (`Ok`).
     async fn serve(&mut self, links: &mut [WorkerLink]) -> Result<(), LinkError> {
         let mut ewma = 0.0;
+        let plan: Vec<(String, String)> =
+            links.iter().map(|l| (l.worker_id.clone(), l.address.clone())).collect();
         loop {
+            self.control(&plan)?;
             let idle = self.groups.iter().all(|g| g.running.is_empty() && g.waiting.is_empty());
             if idle && !self.experts.wants_step() {
                 tokio::select! {
@@ -310,6 +344,8 @@ impl Engine {
                         None => return Ok(()),
                     },
                     _ = self.experts.wake() => {}
+                    // Operator requests (drains) are looked at even while idle.
+                    _ = tokio::time::sleep(IDLE_CONTROL_POLL) => continue,
                 }
             }
             while let Ok(sub) = self.rx.try_recv() {
@@ -365,14 +401,11 @@ impl Engine {
             last.send(step).await?;
             let sent = t0.elapsed();
             let t1 = Instant::now();
-            let timeout = self.cfg.step_timeout;
-            let results =
-                futures::future::join_all(links.iter_mut().map(|l| l.recv(timeout))).await;
+            let results = self.collect_results(links, self.step_id).await?;
             let waited = t1.elapsed();
             let t2 = Instant::now();
             let mut ok = Vec::with_capacity(results.len());
             for (l, r) in links.iter().zip(results) {
-                let r = r?;
                 if !r.error.is_empty() {
                     return Err(LinkError {
                         worker_id: l.worker_id.clone(),
@@ -427,6 +460,7 @@ impl Engine {
             prompt: sub.prompt,
             generated: Vec::new(),
             prefilled: 0,
+            resumed: 0,
             max_tokens: sub.max_tokens,
             sampling: sub.sampling,
             seed: sub.seed,
@@ -549,6 +583,7 @@ impl Engine {
 
     fn publish_status(&self, links: &[WorkerLink], ewma: f64) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let new_epoch = st.epoch != self.epoch;
         st.epoch = self.epoch;
         st.kv_blocks_used = self.groups.iter().map(|g| g.pool.used() as u32).sum();
         st.kv_blocks_total = self.groups.iter().map(|g| g.pool.total() as u32).sum();
@@ -578,8 +613,13 @@ impl Engine {
                 m.worker_up.with_label_values(&[l.worker_id.as_str()]).set(1);
             }
         }
-        if st.ranks.len() != links.len()
-            || st.ranks.iter().zip(links).any(|(a, b)| a.rank != b.rank)
+        if new_epoch
+            || st.ranks.len() != links.len()
+            || st
+                .ranks
+                .iter()
+                .zip(links)
+                .any(|(a, b)| a.rank != b.rank || a.worker_id != b.worker_id)
         {
             for gone in st.ranks.iter().filter(|r| links.iter().all(|l| l.worker_id != r.worker_id))
             {

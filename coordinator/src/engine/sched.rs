@@ -66,8 +66,13 @@ pub struct Seq<T> {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub generated: Vec<u32>,
-    /// Prompt tokens already fed through the model.
+    /// Context tokens (prompt, then the first `resumed` generated tokens) already fed through the
+    /// model.
     pub prefilled: usize,
+    /// Generated tokens to feed again with the prompt (re-prefill) after the sequence migrated
+    /// to a new epoch (0 for a sequence that never migrated). They are never sampled or streamed
+    /// again: the prefill's last chunk samples token `generated.len()`.
+    pub resumed: usize,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub seed: u64,
@@ -83,8 +88,28 @@ impl<T> Seq<T> {
     pub fn budget(&self) -> usize {
         self.prompt.len() + self.max_tokens
     }
+    /// Tokens the prefill feeds: the prompt and the generated tokens being resumed.
+    pub fn context_len(&self) -> usize {
+        self.prompt.len() + self.resumed
+    }
     fn prefill_done(&self) -> bool {
-        self.prefilled == self.prompt.len()
+        self.prefilled == self.context_len()
+    }
+    /// Context tokens `start..end` (prompt, then resumed generated tokens).
+    fn context(&self, start: usize, end: usize) -> Vec<u32> {
+        self.prompt
+            .iter()
+            .chain(&self.generated[..self.resumed])
+            .copied()
+            .skip(start)
+            .take(end - start)
+            .collect()
+    }
+    /// Prepares the sequence to run again from scratch on a new epoch (fresh KV): the prompt and
+    /// every token generated so far are fed again; sampling continues at `generated.len()`.
+    pub fn reset_for_resume(&mut self) {
+        self.prefilled = 0;
+        self.resumed = self.generated.len();
     }
 }
 
@@ -189,19 +214,20 @@ impl<T> GroupSched<T> {
             if budget == 0 {
                 break;
             }
-            let n = (s.prompt.len() - s.prefilled).min(budget);
+            let n = (s.context_len() - s.prefilled).min(budget);
             let start = s.prefilled;
             let end = start + n;
-            let sample = end == s.prompt.len();
+            let sample = end == s.context_len();
             steps.push(SeqStep {
                 seq_id: s.id,
-                token_ids: s.prompt[start..end].to_vec(),
+                token_ids: s.context(start, end),
                 start_position: start as u32,
                 block_table: s.blocks[..blocks_for(end, bs)].to_vec(),
                 sample,
                 sampling: Some(s.sampling.clone()),
                 seed: s.seed,
-                generated: 0,
+                // The sample index: tokens generated so far (resumed ones included).
+                generated: s.resumed as u32,
                 outputs: Some(s.outputs),
             });
             s.prefilled = end;
@@ -213,6 +239,20 @@ impl<T> GroupSched<T> {
     /// Index of running sequence `id`.
     pub fn position(&self, id: u64) -> Option<usize> {
         self.running.iter().position(|s| s.id == id)
+    }
+
+    /// Moves every running sequence back to the front of the queue (admission order kept), its
+    /// blocks freed and its prefill reset for a new epoch ([`Seq::reset_for_resume`]); forgets
+    /// the releases owed to the old epoch's ranks. Returns how many sequences moved.
+    pub fn requeue_running(&mut self) -> usize {
+        let n = self.running.len();
+        for mut s in self.running.drain(..).rev() {
+            self.pool.release(std::mem::take(&mut s.blocks));
+            s.reset_for_resume();
+            self.waiting.push_front(s);
+        }
+        self.released.clear();
+        n
     }
 
     /// Removes running sequence at `index` (keeping admission order) and frees its blocks.
@@ -234,6 +274,7 @@ mod tests {
             prompt: (0..prompt as u32).collect(),
             generated: Vec::new(),
             prefilled: 0,
+            resumed: 0,
             max_tokens,
             sampling: SamplingParams::default(),
             seed: 0,
@@ -298,6 +339,43 @@ mod tests {
                 .map(|s| (s.seq_id, s.token_ids.clone(), s.start_position))
                 .collect::<Vec<_>>(),
             vec![(1, vec![9], 7), (2, vec![8], 2)]
+        );
+    }
+
+    #[test]
+    fn requeued_sequence_reprefills_prompt_and_generated_then_samples_next_index() {
+        let mut g = GroupSched::new(limits(4), 100);
+        g.waiting.push_back(seq(1, 3, 10));
+        g.waiting.push_back(seq(2, 2, 10));
+        g.admit();
+        g.build();
+        g.running[0].generated.extend([7, 8]);
+        g.running[1].generated.push(9);
+        let blocks = g.pool.used();
+        assert!(blocks > 0);
+        assert_eq!(g.requeue_running(), 2);
+        assert_eq!((g.pool.used(), g.running.len(), g.waiting.len()), (0, 0, 2));
+        assert_eq!(g.waiting[0].id, 1, "admission order kept");
+        g.admit();
+        // Budget 4: seq 1's context [0, 1, 2, 7, 8] is fed over two steps.
+        let s1 = g.build();
+        assert_eq!(
+            s1.iter().map(|s| (s.seq_id, s.token_ids.clone(), s.sample)).collect::<Vec<_>>(),
+            vec![(1, vec![0, 1, 2, 7], false)]
+        );
+        let s2 = g.build();
+        assert_eq!(
+            s2.iter()
+                .map(|s| (s.seq_id, s.token_ids.clone(), s.start_position, s.sample, s.generated))
+                .collect::<Vec<_>>(),
+            vec![(1, vec![8], 4, true, 2), (2, vec![0, 1, 9], 0, true, 1)]
+        );
+        // After the resumed sample, decoding continues at the next position.
+        g.running[0].generated.push(5);
+        let s3 = g.build();
+        assert_eq!(
+            (s3[0].token_ids.clone(), s3[0].start_position, s3[0].generated),
+            (vec![5], 5, 3)
         );
     }
 

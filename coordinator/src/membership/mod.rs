@@ -5,7 +5,8 @@
 //!
 //! Layout: the membership logic ([`StoreMembership`], `service.rs`; leases in `lease.rs`) is
 //! written once against a small key-value + lease interface ([`KvStore`], `store.rs`) that
-//! `etcd.rs` and `memory.rs` implement. Keys are in `keys.rs` (ARCHITECTURE §3):
+//! `etcd.rs` and `memory.rs` implement; `registry.rs` serves the in-memory store to workers of
+//! a cluster without etcd over gRPC ([`RemoteMembership`] on their side). Keys are in `keys.rs` (ARCHITECTURE §3):
 //! `/fathom/<cluster>/workers/<id>`, `/coordinator/leader`, `/plan`, `/epoch/<n>/rendezvous`.
 //!
 //! Invariants:
@@ -26,6 +27,7 @@ mod etcd;
 mod keys;
 mod lease;
 mod memory;
+mod registry;
 mod service;
 mod store;
 
@@ -34,7 +36,8 @@ pub use etcd::{EtcdOptions, EtcdStore};
 pub use keys::Keys;
 pub use lease::{Leadership, LeaseState, LeasedKey, Registration};
 pub use memory::MemoryStore;
-pub use service::{EtcdMembership, MemoryMembership, StoreMembership};
+pub use registry::{RegistryServer, RegistryService, RemoteStore};
+pub use service::{EtcdMembership, MemoryMembership, RemoteMembership, StoreMembership};
 pub use store::{KvEntry, KvEvent, KvStore, LeaseId};
 
 use fathom_common::ids::Epoch;

@@ -41,6 +41,8 @@ pub struct StoreMembership<S: KvStore> {
 pub type EtcdMembership = StoreMembership<EtcdStore>;
 /// Membership in this process's memory (single host).
 pub type MemoryMembership = StoreMembership<MemoryStore>;
+/// Membership in a coordinator's memory, reached over gRPC (`fathom.v1.Registry`).
+pub type RemoteMembership = StoreMembership<super::registry::RemoteStore>;
 
 impl<S: KvStore> StoreMembership<S> {
     /// Membership of cluster `cluster` on `store`.

@@ -297,3 +297,280 @@ where
     }
     bail!("condition not met within {timeout:?}")
 }
+
+// ---- Fault-tolerance helpers (issue 10) ----
+
+/// Sends `signal` (e.g. "KILL", "STOP", "CONT") to process `pid` with `kill(1)`.
+pub fn signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
+impl Cluster {
+    /// A cluster whose workers register in the coordinator's in-memory registry (no etcd, no
+    /// static list): `workers` worker processes `w0..`, a plan of `world` ranks (workers beyond
+    /// it are spares), coordinator flags `extra`.
+    pub fn start_registry(workers: usize, world: usize, extra: Vec<String>) -> Result<Self> {
+        let bin = fathom_bin();
+        let model = tiny_model();
+        let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, "cluster = \"test\"\n[membership]\nlease_ttl_s = 2\n")?;
+        let listen = format!("127.0.0.1:{}", port());
+        let mut coordinator = Command::new(&bin)
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&config)
+            .arg("--model")
+            .arg(&model)
+            .args(["--listen", &listen, "--world-size", &world.to_string()])
+            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
+            .args(&extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning fathom coordinator")?;
+        let stdout = coordinator.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let mut cluster = Cluster {
+            workers: Vec::new(),
+            coordinator,
+            addr: String::new(),
+            model,
+            worker_addrs: Vec::new(),
+            config,
+            _dir: dir,
+        };
+        for i in 0..workers {
+            let addr = format!("127.0.0.1:{}", port());
+            cluster.worker_addrs.push(addr);
+            cluster.workers.push(cluster.spawn_registry_worker(i, &listen)?);
+        }
+        cluster.addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("the coordinator did not print `fathom: serving on` within 60 s")?;
+        Ok(cluster)
+    }
+
+    fn spawn_registry_worker(&self, i: usize, registry: &str) -> Result<Child> {
+        let addr = &self.worker_addrs[i];
+        let id = format!("w{i}");
+        Command::new(fathom_bin())
+            .args(["worker", "--id", &id, "--listen", addr, "--advertise", addr])
+            .args(["--registry", registry])
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning fathom worker")
+    }
+
+    /// Starts worker `i` of a [`start_registry`](Self::start_registry) cluster again.
+    pub fn restart_registry_worker(&mut self, i: usize) -> Result<()> {
+        self.workers[i] = self.spawn_registry_worker(i, &self.addr.clone())?;
+        Ok(())
+    }
+
+    /// The coordinator's cluster status (Admin API).
+    pub async fn status(&self) -> fathom_proto::v1::ClusterStatusResponse {
+        let mut admin = fathom_proto::v1::admin_client::AdminClient::connect(self.url())
+            .await
+            .expect("admin connect");
+        let mut req = tonic::Request::new(fathom_proto::v1::ClusterStatusRequest {});
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+        admin.cluster_status(req).await.expect("cluster status").into_inner()
+    }
+}
+
+/// One stream's tokens with the time each arrived.
+#[derive(Debug, Default, Clone)]
+pub struct Timed {
+    pub ids: Vec<u32>,
+    pub at: Vec<Instant>,
+}
+
+/// Runs `req` to completion recording arrival times; `progress` counts every token received.
+pub async fn generate_timed(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    req: GenerateRequest,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::result::Result<Timed, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Timed::default();
+    let mut finished = false;
+    while let Some(msg) = stream.message().await? {
+        match msg.kind {
+            Some(generate_response::Kind::Chunk(c)) => {
+                let now = Instant::now();
+                for t in c.token_ids {
+                    out.ids.push(t);
+                    out.at.push(now);
+                    progress.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            Some(generate_response::Kind::Final(f)) => {
+                assert_eq!(f.usage.expect("usage").completion_tokens as usize, out.ids.len());
+                finished = true;
+            }
+            None => {}
+        }
+    }
+    assert!(finished, "stream ended without a final message");
+    Ok(out)
+}
+
+/// `fathom up` as a real process: its coordinator address and the pid of each worker, kept up
+/// to date from its stderr (`fathom: worker ID pid P on ADDR`, printed at every (re)start).
+#[derive(Debug)]
+pub struct Up {
+    pub child: Child,
+    pub addr: String,
+    pub cache: tempfile::TempDir,
+    pids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SIGTERM first so `fathom up` reaps its workers; then make sure.
+        signal_quiet(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in self.pids.lock().unwrap().values() {
+            signal_quiet(*pid, "KILL");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_quiet(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Up {
+    /// Runs `fathom up ARGS --cache-dir TMP` and waits for `fathom: serving on` (120 s).
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let cache = tempfile::Builder::new().prefix("fathom-up-cache-").tempdir()?;
+        let mut child = Command::new(fathom_bin())
+            .arg("up")
+            .args(args)
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning fathom up")?;
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let (p, l) = (pids.clone(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["fathom:", "worker", id, "pid", pid, "on", _] = words.as_slice()
+                    && let Ok(pid) = pid.parse::<u32>()
+                {
+                    p.lock().unwrap().insert(id.to_string(), pid);
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let mut up = Up { child, addr: String::new(), cache, pids, log };
+        up.addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(a) => a,
+            Err(_) => bail!("fathom up did not serve within 120 s; stderr: {:?}", up.stderr()),
+        };
+        Ok(up)
+    }
+
+    /// The current pid of worker `id`.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.pids.lock().unwrap().get(id).copied()
+    }
+
+    /// Everything `fathom up` printed on stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The synthesized model directory.
+    pub fn model(&self) -> PathBuf {
+        self.cache.path().join("tiny-f32-seed0")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Cluster {
+    /// Another coordinator process on this cluster's config and model (e.g. a standby);
+    /// returns it and a receiver of the address it prints in `fathom: serving on ADDR`.
+    pub fn spawn_coordinator(
+        &self,
+        world: usize,
+        extra: &[String],
+    ) -> Result<(Child, std::sync::mpsc::Receiver<String>)> {
+        let listen = format!("127.0.0.1:{}", port());
+        let mut child = Command::new(fathom_bin())
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--model")
+            .arg(&self.model)
+            .args(["--listen", &listen, "--world-size", &world.to_string()])
+            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning another fathom coordinator")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        Ok((child, rx))
+    }
+}
