@@ -247,6 +247,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &step_logits, routed)
 }
 
+/// Generated ids, finish reason, and (when kept) each step's logits.
+type Generated = (Vec<u32>, &'static str, Vec<Vec<f32>>);
+
 /// The generation loop on one GPU (`--device cuda[:N]`): the prompt in one prefill, then one
 /// token per step, sampled exactly as on the CPU. CUDA libraries come from the loader's path
 /// plus `FATHOM_CUDA_LIB_DIRS`; compiled kernels are cached in `~/.cache/fathom/kernels`.
@@ -260,7 +263,7 @@ fn generate_cuda(
     sampling: &SamplingParams,
     max_new_tokens: usize,
     keep_logits: bool,
-) -> Result<(Vec<u32>, &'static str, Vec<Vec<f32>>)> {
+) -> Result<Generated> {
     use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, open_gpu, precision_for};
     let lib_dirs: Vec<PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
         .map(|v| std::env::split_paths(&v).collect())
