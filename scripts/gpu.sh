@@ -17,7 +17,7 @@ dest="${FATHOM_DEVICE_DIR:-/work/main/.device/cuda}"
 
 echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
 json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
-json+=$'\n'$(cargo test -p fathom-kernels --test comm_nccl --no-run --message-format=json 2>/dev/null)
+json+=$'\n'$(cargo test -p fathom-kernels --test 'comm_nccl*' --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-worker --test 'cuda_model_*' --no-run --message-format=json 2>/dev/null)
 cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
 cargo build -p fathom --bin fathom >&2
@@ -74,7 +74,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   for t in "$here"/bin/cuda_* "$here"/bin/comm_*; do
     name=$(basename "$t")
     log=$(mktemp)
-    "$t" --nocapture --test-threads=1 > "$log" 2>&1; rc=$?
+    # A hung binary (an NCCL peer that never comes) must not eat the whole call.
+    timeout 180 "$t" --nocapture --test-threads=1 > "$log" 2>&1; rc=$?
     { echo "===== $name (rc=$rc)"; cat "$log"; } >> "$OUT/tests.log"
     summary=$(grep -E '^test result:' "$log" | tail -1)
     echo "$name: rc=$rc $summary"
@@ -111,11 +112,11 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
   cat "$OUT/bench.log"
   # Full-width layers (ours), then the HF transformers peer on the same GPU in the same run.
-  "$here/bin/cuda_model_bench" --ignored --nocapture --test-threads=1 > "$OUT/layer.log" 2>&1
+  timeout 300 "$here/bin/cuda_model_bench" --ignored --nocapture --test-threads=1 > "$OUT/layer.log" 2>&1
   rc=$?; echo "cuda_model_bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
   grep -v '^BENCH' "$OUT/layer.log"
   if [ -f "$here/hf_peer_layer.py" ]; then
-    PYTHONUNBUFFERED=1 python3 "$here/hf_peer_layer.py" --cases 1x4096,64x512,256x128 --json "$OUT/hf_peer.json" 2>&1 | tail -5
+    PYTHONUNBUFFERED=1 timeout 200 python3 "$here/hf_peer_layer.py" --cases 1x4096,64x512,256x128 --json "$OUT/hf_peer.json" 2>&1 | tail -5
   fi
 fi
 [ "$fail" = 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"

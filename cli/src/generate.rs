@@ -247,7 +247,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &step_logits, routed)
 }
 
-/// Generated ids, the finish reason and the kept logits rows (one per generated token).
+/// Generated ids, finish reason, and (when kept) each step's logits.
 type Generated = (Vec<u32>, &'static str, Vec<Vec<f32>>);
 
 /// The generation loop on one GPU (`--device cuda[:N]`): the prompt in one prefill, then one

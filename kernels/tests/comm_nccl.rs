@@ -1,7 +1,8 @@
 //! The collective conformance suite on [`NcclComm`] (one rank per GPU, ranks as threads), plus
 //! NCCL-specific cases: the unique id bootstrapped over a real TCP mesh (as workers do over the
-//! coordinator's rendezvous), the deadline (a rank that never arrives → abort, `Timeout`,
-//! poisoned) and `split` through `ncclCommSplit` on two ranks.
+//! coordinator's rendezvous) and `split` through `ncclCommSplit` on two ranks. The deadline case
+//! (a rank that never arrives) is in `comm_nccl_deadline.rs`: an aborted communicator can leave
+//! its GPU's stream unusable, so it runs in its own process, last.
 //!
 //! The suite's cases sweep worlds up to the GPU count (`max_world`); the cases that need ≥ 3
 //! ranks (`sums_are_deterministic`, `split` at W = 4/8, `invalid_arguments`, the missing- and
@@ -10,11 +11,11 @@
 //! one-GPU machine the two-rank cases print `needs 2 GPUs`.
 
 use std::io::Write;
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fathom_kernels::comm::conformance::{self, CommFactory, run_ranks, tcp_loopback};
-use fathom_kernels::comm::{Collective, CommError, CommOptions, NcclComm};
+use fathom_kernels::comm::{Collective, CommOptions, NcclComm};
 use fathom_kernels::cuda::{CudaDevice, DeviceOptions, NcclUniqueId};
 
 fn skip(test: &str, reason: &str) {
@@ -131,41 +132,6 @@ fn unique_id_goes_over_the_tcp_control_plane() {
         assert_eq!((rank, world), (r, 2));
         assert_eq!(x, vec![0.25 + 1.25, 10.0 + 20.0], "rank {r}");
     }
-}
-
-#[test]
-fn a_rank_that_never_arrives_times_out_and_poisons() {
-    const TEST: &str = "a_rank_that_never_arrives_times_out_and_poisons";
-    if gpus(TEST, 2).is_none() {
-        return;
-    }
-    let timeout = Duration::from_millis(800);
-    let comms: Vec<Box<dyn Collective>> =
-        nccl_ranks(2, opts(timeout)).into_iter().map(|c| Box::new(c) as _).collect();
-    let done = Barrier::new(2);
-    let got = run_ranks(comms, |r, c| {
-        let res = if r == 0 {
-            let t = std::time::Instant::now();
-            let e = c.all_reduce_sum_f32(&mut [1.0; 64]).expect_err("rank 1 never comes");
-            let after = c.barrier().expect_err("poisoned");
-            Some((e, t.elapsed(), after))
-        } else {
-            None
-        };
-        done.wait(); // rank 1 keeps its communicator until rank 0 is done
-        res
-    });
-    let (e, took, after) = got.into_iter().next().flatten().expect("rank 0 result");
-    match &e {
-        CommError::Timeout { op, missing_ranks, waited } => {
-            assert_eq!(*op, "all_reduce");
-            assert_eq!(missing_ranks, &[1]);
-            assert!(*waited >= timeout, "gave up early: {waited:?}");
-        }
-        other => panic!("expected a timeout, got {other}"),
-    }
-    assert!(took < timeout + Duration::from_secs(5), "took {took:?}");
-    assert!(matches!(after, CommError::Poisoned { .. }), "{after}");
 }
 
 #[test]

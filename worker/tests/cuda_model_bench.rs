@@ -94,7 +94,7 @@ fn full_width_layer_decode() {
     let grid = [(1, 4096), (64, 4096), (256, 4096), (1, 32768), (64, 32768), (256, 32768)];
     for (b, ctx) in grid.into_iter().chain([(64usize, 512usize), (256, 128)]) {
         {
-            let mut cache = model.new_cache(b, ctx + 1).unwrap();
+            let mut cache = model.new_cache(b, (ctx + 1).max(cfg.index_topk)).unwrap();
             model.fill_cache_random(&mut cache, 11).unwrap();
             for (li, name) in [(0, "dense"), (1, "MoE")] {
                 let us = model.time_decode_layer(li, &mut cache, ctx, 2, 5).unwrap();

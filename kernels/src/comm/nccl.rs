@@ -73,7 +73,21 @@ impl NcclComm {
     ) -> Result<Self, CommError> {
         let raw = cuda::NcclComm::init_rank(&dev, id, rank, world)
             .map_err(|e| nccl_failed("ncclCommInitRank", e))?;
-        Ok(Self { dev, raw, members: (0..world).collect(), opts, poisoned: None })
+        let mut c = Self { dev, raw, members: (0..world).collect(), opts, poisoned: None };
+        c.connect()?;
+        Ok(c)
+    }
+
+    /// NCCL connects peers lazily, inside the *host* call of the first collective of each
+    /// kind, which then blocks until the peer arrives — past any deadline. So every kind used
+    /// here (all-gather, all-to-all) runs once right after init, while all ranks are present
+    /// (init itself waited for them); later ops only enqueue, and the deadline applies.
+    fn connect(&mut self) -> Result<(), CommError> {
+        let w = self.members.len();
+        self.gather("connect", &[0u8])?;
+        let mut recv = Vec::new();
+        self.all_to_all_v(&vec![0u8; w], &vec![1; w], &mut recv)?;
+        Ok(())
     }
 
     /// Builds the NCCL communicator over the same ranks as `control` (e.g. the [`TcpComm`] the
@@ -94,6 +108,15 @@ impl NcclComm {
         control.broadcast(&mut bytes, 0)?;
         let id = NcclUniqueId::from_bytes(&bytes).map_err(|e| nccl_failed("unique id", e))?;
         Self::init(dev, &id, control.rank(), control.world_size(), opts)
+    }
+
+    /// Aborts the communicator (`ncclCommAbort`: no teardown handshake with the peers, for a
+    /// rank that gives up on them); every later op fails.
+    pub fn abort(&mut self) {
+        self.raw.abort();
+        if self.poisoned.is_none() {
+            self.poisoned = Some("communicator aborted".into());
+        }
     }
 
     /// The device-buffer communicator, for stream-ordered collectives in the model's path.
@@ -200,6 +223,16 @@ impl NcclComm {
             *out = T::narrow((1..w).fold(at(0), |a, r| a + at(r)));
         }
         Ok(())
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // A poisoned communicator may have peers that are gone or out of step: destroying it
+        // would finalize (a handshake with them) and can block, so it is aborted instead.
+        if self.poisoned.is_some() {
+            self.raw.abort();
+        }
     }
 }
 
@@ -384,12 +417,9 @@ impl Collective for NcclComm {
             .map_err(|e| self.poison(e))?;
         let (Some(raw), Some((gi, _))) = (child, place) else { return Ok(None) };
         let members = groups[gi].iter().map(|&r| self.members[r]).collect();
-        Ok(Some(Box::new(NcclComm {
-            dev: self.dev.clone(),
-            raw,
-            members,
-            opts: self.opts,
-            poisoned: None,
-        })))
+        let mut child =
+            NcclComm { dev: self.dev.clone(), raw, members, opts: self.opts, poisoned: None };
+        child.connect()?;
+        Ok(Some(Box::new(child)))
     }
 }
