@@ -29,7 +29,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn run_drain(endpoint: &str, token: Option<&str>, worker: &str) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let epoch = rt.block_on(drain(endpoint, token, worker))?;
-    println!("fathom: worker {worker} drained; epoch {epoch} serves without it");
+    println!("fathom: worker {worker} drained; epoch {epoch} serves without the drained process");
     Ok(())
 }
 
