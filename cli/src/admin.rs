@@ -272,7 +272,7 @@ fn print(cmd: &AdminCommand, v: &Value, as_json: bool) {
         }
         AdminCommand::Drain { .. } => {
             println!(
-                "fathom: worker {} drained; epoch {} serves without it",
+                "fathom: worker {} drained; epoch {} serves without the drained process",
                 v["worker"].as_str().unwrap_or_default(),
                 v["epoch"]
             );

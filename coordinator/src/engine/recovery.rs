@@ -16,8 +16,9 @@
 //!   behaviour, every request in flight ends UNAVAILABLE at once);
 //! - **drains**: a drained worker is excluded from plans while it is the process that was drained
 //!   (its health reports a prepared epoch); the epoch containing it ends at a step boundary and
-//!   its sequences migrate; once out of the serving plan it is asked to shut down. A fresh
-//!   process under the same id (health epoch 0: restarted, e.g. upgraded) may join again.
+//!   its sequences migrate and it is asked to shut down. A fresh process under the same id
+//!   (health epoch 0: restarted, e.g. upgraded) may join again; the drain is answered once an
+//!   epoch without the drained process serves.
 //!
 //! Invariant: a request is never answered twice; held requests still see cancellation and
 //! deadlines (reaped while holding).
@@ -77,6 +78,8 @@ impl Engine {
                         }
                         tracing::info!(worker = %id, "a fresh process of a drained worker joins again");
                         self.draining.remove(&id);
+                        self.status.lock().unwrap_or_else(|p| p.into_inner()).draining =
+                            self.draining.iter().cloned().collect();
                     }
                     out.push(p);
                 }
@@ -182,27 +185,34 @@ impl Engine {
         }
     }
 
-    /// After a new epoch serves: answers the drains it completes and asks the drained workers
-    /// that are no longer in the plan to shut down (best effort, in the background).
+    /// Asks the drained workers that left the plan (their epoch ended, their sequences already
+    /// migrated) to shut down, in the background. A supervisor that restarts them (`fathom up`,
+    /// Kubernetes) brings a fresh process back, which may join again — so a drain also
+    /// completes when no spare can take the worker's rank.
+    pub(super) fn shutdown_drained(&mut self) {
+        let epoch = self.epoch;
+        for (id, addr) in self.drained_addrs.drain() {
+            tokio::spawn(async move {
+                let Ok(mut c) = connect(&addr, PROBE_TIMEOUT).await else { return };
+                let reason = format!("drained (out of epoch {epoch})");
+                let req = ShutdownRequest { reason, grace_ms: 1000 };
+                let _ = tokio::time::timeout(PROBE_TIMEOUT, c.shutdown(req)).await;
+                tracing::info!(worker = %id, "drained worker asked to shut down");
+            });
+        }
+    }
+
+    /// After a new epoch serves: answers the drains it completes — the drained process is not
+    /// in it (the worker is absent, or a fresh process under its id took its place, which
+    /// cleared its draining mark).
     pub(super) fn drains_done(&mut self, plan: &[(String, String)]) {
         let epoch = self.epoch;
         let mut left = Vec::new();
         for (id, reply) in self.drain_replies.drain(..) {
-            if plan.iter().any(|(w, _)| *w == id) {
+            if self.draining.contains(&id) && plan.iter().any(|(w, _)| *w == id) {
                 left.push((id, reply));
-                continue;
-            }
-            let _ = reply.send(Ok(epoch));
-            if let Some(addr) = self.drained_addrs.remove(&id) {
-                tokio::spawn(async move {
-                    let Ok(mut c) = connect(&addr, PROBE_TIMEOUT).await else { return };
-                    let req = ShutdownRequest {
-                        reason: format!("drained (epoch {epoch})"),
-                        grace_ms: 1000,
-                    };
-                    let _ = tokio::time::timeout(PROBE_TIMEOUT, c.shutdown(req)).await;
-                    tracing::info!(worker = %id, "drained worker asked to shut down");
-                });
+            } else {
+                let _ = reply.send(Ok(epoch));
             }
         }
         self.drain_replies = left;

@@ -241,6 +241,7 @@ impl Engine {
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
                     self.migrate(&msg);
+                    self.shutdown_drained();
                     self.publish_status(&links, 0.0);
                 }
             }
