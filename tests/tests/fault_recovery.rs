@@ -54,7 +54,14 @@ async fn kill9_of_a_random_worker_during_32_streams_loses_nothing() {
     }
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
     let victim = format!("w{}", nanos % 4);
-    let pid = up.pid(&victim).expect("victim pid");
+    // `fathom up` prints each worker's pid on stderr, read by another thread: allow it a moment.
+    let mut pid = up.pid(&victim);
+    let asked = Instant::now();
+    while pid.is_none() && asked.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pid = up.pid(&victim);
+    }
+    let pid = pid.unwrap_or_else(|| panic!("no pid of {victim} on stderr: {:?}", up.stderr()));
     let before_kill = progress.load(Ordering::SeqCst);
     signal(pid, "KILL");
     let killed = Instant::now();
