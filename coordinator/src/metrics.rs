@@ -25,8 +25,26 @@ pub mod status {
     pub const CANCELLED: &str = "cancelled";
     /// The request's deadline passed.
     pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
-    /// Its epoch failed or the cluster stopped serving.
+    /// Its epoch failed or the cluster stopped serving (also: refused while not serving).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// Refused before it reached the engine: a bad field, an unknown model, an oversize body.
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    /// Refused because the admission queue was full.
+    pub const RESOURCE_EXHAUSTED: &str = "resource_exhausted";
+    /// Ended by an internal error.
+    pub const INTERNAL: &str = "internal";
+
+    /// The label of a request refused or ended with `e`.
+    pub fn of(e: &crate::engine::EngineError) -> &'static str {
+        use crate::engine::EngineError as E;
+        match e {
+            E::InvalidArgument { .. } => INVALID_ARGUMENT,
+            E::QueueFull { .. } => RESOURCE_EXHAUSTED,
+            E::Unavailable(_) => UNAVAILABLE,
+            E::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
+            E::Internal(_) => INTERNAL,
+        }
+    }
 }
 
 /// Latency buckets (seconds) shared by the latency histograms: 1 ms .. 60 s.

@@ -319,7 +319,12 @@ fn text_request(id: &str, text: &str, n: u32) -> GenerateRequest {
 async fn one_trace_spans_coordinator_and_workers_with_parent_links() {
     let collector = Collector::default();
     let endpoint = collector.start().await.unwrap();
-    let setup = Setup { otlp: Some(endpoint), ..Default::default() };
+    // Trace level: the workers' per-layer phase spans are exported too.
+    let setup = Setup {
+        otlp: Some(endpoint),
+        env: vec![("FATHOM_TRACE", "trace,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off")],
+        ..Default::default()
+    };
     let procs = Procs::start(2, &setup).expect("cluster");
     let mut client = procs.client().await.unwrap();
     let n = 4;
@@ -379,6 +384,28 @@ async fn one_trace_spans_coordinator_and_workers_with_parent_links() {
             let children = mine.iter().filter(|w| w.parent == c.span_id).count();
             assert_eq!(children, 1, "rank {rank}: exactly one child of coordinator step {c:?}");
         }
+    }
+
+    // Worker phases (attention, MoE dispatch, experts, combine) hang under a worker step span.
+    let by_id: HashMap<&[u8], &Span> = spans.iter().map(|s| (s.span_id.as_slice(), s)).collect();
+    let under_worker_step = |s: &Span| {
+        let mut cur = s;
+        for _ in 0..8 {
+            match by_id.get(cur.parent.as_slice()) {
+                Some(p) if p.service == "fathom-worker" && p.name == "step" => return true,
+                Some(p) => cur = p,
+                None => return false,
+            }
+        }
+        false
+    };
+    for phase in ["attention", "dispatch", "experts", "combine"] {
+        let found: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.service == "fathom-worker" && s.name == phase && &s.trace_id == trace)
+            .collect();
+        assert!(!found.is_empty(), "worker {phase} spans are exported");
+        assert!(found.iter().all(|s| under_worker_step(s)), "{phase} spans hang under a step");
     }
 
     // PrepareEpoch carried the context in gRPC metadata: the workers' prepare spans hang under
@@ -443,8 +470,17 @@ async fn metrics_check(tp: usize) {
         fed += (len + n as usize - 1) as f64;
         intervals += (n - 1) as f64;
     }
+    // Two refused requests: counted under their status, nothing served.
+    for bad in [
+        GenerateRequest { sampling: Some(Default::default()), ..greedy_request(&[1, 2, 3], 2) },
+        greedy_request(&[cfg.vocab_size as u32], 2),
+    ] {
+        let e = generate(&mut client, bad).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
     let (c1, w1) = scrape_all();
     let d = |s: &str| get(&c1, s) - get(&c0, s);
+    assert_eq!(d("fathom_requests_total{status=\"invalid_argument\"}"), 2.0);
     assert_eq!(d("fathom_requests_total{status=\"ok\"}"), cases.len() as f64);
     assert_eq!(d("fathom_tokens_total{kind=\"prompt\"}"), prompt);
     assert_eq!(d("fathom_tokens_total{kind=\"generated\"}"), generated);

@@ -84,7 +84,8 @@ impl Inference for InferenceApi {
             .and_then(parse_grpc_timeout)
             .map(|d| Instant::now() + d);
         let req = request.into_inner();
-        let v = validate(&req, &self.limits, self.codec.as_ref())?;
+        let v = validate(&req, &self.limits, self.codec.as_ref())
+            .inspect_err(|e| self.engine.refused(crate::metrics::status::of(e)))?;
         let request_id = if v.request_id.is_empty() {
             format!("req-{:016x}", server_seed())
         } else {

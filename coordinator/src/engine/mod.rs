@@ -194,6 +194,8 @@ pub struct EngineHandle {
     control: mpsc::UnboundedSender<Control>,
     /// Whether submissions are held (queued) while the cluster reconfigures.
     hold: bool,
+    /// Counts requests refused here or by the front ends (`requests_total{status}`).
+    metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 impl EngineHandle {
@@ -204,7 +206,18 @@ impl EngineHandle {
 
     /// Queues a request. Fails with `QueueFull` when `max_queue` requests already wait for
     /// admission, `Unavailable` when the engine is not serving or has stopped.
+    /// Queues a request for the engine; a refusal is counted in `requests_total`.
     pub fn submit(&self, sub: Submission) -> Result<(), EngineError> {
+        self.try_submit(sub).inspect_err(|e| self.refused(crate::metrics::status::of(e)))
+    }
+
+    /// Counts a request a front end refused before submitting it (e.g. it failed validation),
+    /// so `requests_total{status}` covers every request received.
+    pub fn refused(&self, status: &str) {
+        self.metrics.request_ended(status);
+    }
+
+    fn try_submit(&self, sub: Submission) -> Result<(), EngineError> {
         let status = self.status();
         let state = status.state;
         // While a failed epoch is being replaced, requests are held (queued) too.

@@ -165,6 +165,7 @@ pub fn spawn_engine_with_metrics(
         experts: experts.clone(),
         control,
         hold: !cfg.migrate_timeout.is_zero(),
+        metrics: metrics.clone(),
     };
     let d = (cfg.world_size / cfg.tp).max(1);
     let limits = Limits {

@@ -121,8 +121,13 @@ async fn chat(State(api): State<Arc<HttpApi>>, req: Request) -> Response {
 }
 
 async fn generate(api: &HttpApi, endpoint: Endpoint, req: Request) -> Result<Response, ApiError> {
-    let body = read_body(req, api.max_body_bytes).await?;
-    let job = request::parse(&api.served, endpoint, &body)?;
+    let parsed = match read_body(req, api.max_body_bytes).await {
+        Ok(body) => request::parse(&api.served, endpoint, &body),
+        Err(e) => Err(e),
+    };
+    // Refusals before submission are counted here; the engine counts its own.
+    let job =
+        parsed.inspect_err(|_| api.engine.refused(crate::metrics::status::INVALID_ARGUMENT))?;
     respond::respond(api, job).await
 }
 

@@ -53,10 +53,12 @@ impl DecoderLayer {
         cache: &mut PagedKvCache,
     ) -> Result<Option<Vec<Assignment>>, ModelError> {
         let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
-        let a = self.attn.forward(&x, ctx, cache, self.index)?;
+        let a = tracing::trace_span!("attention", layer = self.index)
+            .in_scope(|| self.attn.forward(&x, ctx, cache, self.index))?;
         h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
         let x = rms_norm_new(h, &self.ffn_norm, self.eps, self.hidden);
-        let (f, routing) = self.ffn.forward(&x, self.index)?;
+        let (f, routing) = tracing::trace_span!("ffn", layer = self.index)
+            .in_scope(|| self.ffn.forward(&x, self.index))?;
         h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
         Ok(routing)
     }

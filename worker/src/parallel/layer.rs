@@ -86,11 +86,13 @@ impl RankLayer {
         let n = ctx.n_tokens();
         if n > 0 {
             let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
+            let attention = tracing::trace_span!("attention", layer = self.index).entered();
             let mut a = self.attn.forward(&x, ctx, cache, self.index)?; // [n, hidden] partial
             if opts.check_topk {
                 self.check_topk(&x, ctx, cache, group)?;
             }
             group.all_reduce_sum_f32(&mut a)?;
+            drop(attention);
             h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
         }
         let x = rms_norm_new(h, &self.ffn_norm, self.eps, self.hidden);
@@ -99,6 +101,7 @@ impl RankLayer {
                 if n == 0 {
                     return Ok((None, None));
                 }
+                let _ffn = tracing::trace_span!("ffn", layer = self.index).entered();
                 let mut f = mlp.forward(&x); // [n, hidden] partial
                 group.all_reduce_sum_f32(&mut f)?;
                 (f, None, None)

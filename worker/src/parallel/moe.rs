@@ -129,13 +129,19 @@ impl EpMoe {
         let mine = slice_rows(n, t, k);
         let xs = &x[mine.start * h..mine.end * h]; // [m, hidden]
         let m = mine.len();
+        // Phases of the step's trace (debug builds of a trace pay only a callsite check).
+        let dispatch = tracing::trace_span!("dispatch", layer).entered();
         let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
 
         let Dispatch { words, counts, sent } =
             self.pack_dispatch(xs, &assignments, layer, plan, world)?;
         let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
         let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
+        drop(dispatch);
+        let experts =
+            tracing::trace_span!("experts", layer, assignments = rx.assign.len()).entered();
         let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
+        drop(experts);
         let mut counts =
             MoeCounts { routed: vec![0; self.router_experts()], computed: rx.assign.len() as u64 };
         for a in &assignments {
@@ -143,6 +149,7 @@ impl EpMoe {
                 *c += 1;
             }
         }
+        let _combine = tracing::trace_span!("combine", layer).entered();
         let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
 
