@@ -1,4 +1,4 @@
-//! Drain (issue 10, issue 5's Admin Drain): `fathom drain w0` during streaming on a cluster of
+//! Drain (issue 10, issue 5's Admin Drain): `fathom admin drain w0` during streaming on a cluster of
 //! three registered workers and a plan of two ranks: the epoch holding w0 ends at a step
 //! boundary, its sequences resume on a new epoch over w1 and the spare w2, no client sees an
 //! error and every stream equals an undisturbed run; w0 is asked to shut down and exits.
