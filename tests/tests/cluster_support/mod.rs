@@ -138,30 +138,9 @@ impl Cluster {
             }
         }
         let listen = format!("127.0.0.1:{}", port());
-        let mut coordinator = Command::new(&bin)
-            .arg("coordinator")
-            .arg("--config")
-            .arg(&config)
-            .arg("--model")
-            .arg(&model)
-            .args(["--listen", &listen, "--world-size", &opts.workers.to_string()])
-            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
-            .args(&statics)
-            .args(&opts.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning fathom coordinator")?;
-        let stdout = coordinator.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(a) = line.strip_prefix("fathom: serving on ") {
-                    let _ = tx.send(a.to_string());
-                }
-            }
-        });
+        let extra: Vec<String> = statics.iter().chain(&opts.extra).cloned().collect();
+        let (coordinator, rx) =
+            spawn_test_coordinator(&config, &model, &listen, opts.workers, &extra)?;
         let mut cluster = Cluster {
             workers,
             coordinator,
@@ -298,6 +277,42 @@ where
     bail!("condition not met within {timeout:?}")
 }
 
+/// Starts `fathom coordinator` on `listen` for a plan of `world` ranks (admin token, 256 KV
+/// blocks of 16) with `extra` flags; the receiver gets the address once it prints
+/// `fathom: serving on`.
+fn spawn_test_coordinator(
+    config: &Path,
+    model: &Path,
+    listen: &str,
+    world: usize,
+    extra: &[String],
+) -> Result<(Child, std::sync::mpsc::Receiver<String>)> {
+    let mut coordinator = Command::new(fathom_bin())
+        .arg("coordinator")
+        .arg("--config")
+        .arg(config)
+        .arg("--model")
+        .arg(model)
+        .args(["--listen", listen, "--world-size", &world.to_string()])
+        .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning fathom coordinator")?;
+    let stdout = coordinator.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(a) = line.strip_prefix("fathom: serving on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    Ok((coordinator, rx))
+}
+
 // ---- Fault-tolerance helpers (issue 10) ----
 
 /// Sends `signal` (e.g. "KILL", "STOP", "CONT") to process `pid` with `kill(1)`.
@@ -316,35 +331,12 @@ impl Cluster {
     /// static list): `workers` worker processes `w0..`, a plan of `world` ranks (workers beyond
     /// it are spares), coordinator flags `extra`.
     pub fn start_registry(workers: usize, world: usize, extra: Vec<String>) -> Result<Self> {
-        let bin = fathom_bin();
         let model = tiny_model();
         let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, "cluster = \"test\"\n[membership]\nlease_ttl_s = 2\n")?;
         let listen = format!("127.0.0.1:{}", port());
-        let mut coordinator = Command::new(&bin)
-            .arg("coordinator")
-            .arg("--config")
-            .arg(&config)
-            .arg("--model")
-            .arg(&model)
-            .args(["--listen", &listen, "--world-size", &world.to_string()])
-            .args(["--admin-token", ADMIN_TOKEN, "--kv-blocks", "256", "--kv-block-size", "16"])
-            .args(&extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning fathom coordinator")?;
-        let stdout = coordinator.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(a) = line.strip_prefix("fathom: serving on ") {
-                    let _ = tx.send(a.to_string());
-                }
-            }
-        });
+        let (coordinator, rx) = spawn_test_coordinator(&config, &model, &listen, world, &extra)?;
         let mut cluster = Cluster {
             workers: Vec::new(),
             coordinator,
