@@ -30,23 +30,6 @@ extern "C" __global__ void rmsnorm_f32_rows(const float* x, const float* w, bf16
     }
 }
 
-// RMSNorm of the first `dim` elements of bf16 rows with strides (in place allowed: every thread
-// writes only what it read). x: row r at x + r·xs; y: row r at y + r·ys.
-extern "C" __global__ void rmsnorm_bf16_strided(const bf16_t* x, int xs, const float* w, bf16_t* y,
-                                                int ys, int dim, float eps) {
-    const bf16_t* xr = x + (u64)blockIdx.x * xs;
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += 256) {
-        float v = bf16_to_f32(xr[j]);
-        ss += v * v;
-    }
-    float r = rsqrtf(block_sum_256(ss) / (float)dim + eps);
-    for (int j = threadIdx.x; j < dim; j += 256) {
-        float v = bf16_to_f32(xr[j]);
-        y[(u64)blockIdx.x * ys + j] = f32_to_bf16(w[j] * (v * r));
-    }
-}
-
 // In-place RMSNorm of the first `dim` elements of each bf16 row (row stride xs): the kv latent
 // part of `[c | k_pe]` rows.
 extern "C" __global__ void rmsnorm_bf16_inplace(bf16_t* x, int xs, const float* w, int dim,
@@ -150,29 +133,6 @@ extern "C" __global__ void unabsorb_o(const bf16_t* ol, const float* kv_b, bf16_
     }
 }
 
-// Indexer scores of query row r over its own sequence's cached keys (any head dim):
-// out[r, s] = Σ_h w[r, h] · ReLU(q[r, h, :] · keys[base[r] + s, :]) for s < lens[r], −∞ for
-// lens[r] ≤ s < max_ctx. q: [n, H, D] bf16, w: [n, H] f32, keys: [*, D] bf16. Grid (ctx/128, n).
-extern "C" __global__ void indexer_scores_rows(const bf16_t* q, const float* w, const bf16_t* keys,
-                                               const int* base, const int* lens, float* out,
-                                               int H, int D, int max_ctx) {
-    int r = blockIdx.y;
-    int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= max_ctx) return;
-    int len = min(lens[r], max_ctx);
-    float* o = out + (u64)r * max_ctx;
-    if (s >= len) { o[s] = -__int_as_float(0x7f800000); return; }
-    const bf16_t* k = keys + ((u64)base[r] + s) * D;
-    float acc = 0.0f;
-    for (int h = 0; h < H; ++h) {
-        const bf16_t* qh = q + ((u64)r * H + h) * D;
-        float d = 0.0f;
-        for (int t = 0; t < D; ++t) d += bf16_to_f32(qh[t]) * bf16_to_f32(k[t]);
-        acc += w[(u64)r * H + h] * fmaxf(d, 0.0f);
-    }
-    o[s] = acc;
-}
-
 // idx[r, j] += base[r] where idx[r, j] ≥ 0 (sequence-local positions → cache rows).
 extern "C" __global__ void add_base(int* idx, const int* base, int n, int k) {
     u64 total = (u64)n * k;
@@ -210,7 +170,9 @@ extern "C" __global__ void scatter_rows_f32(const float* src, float* dst, const 
     }
 }
 
-// indexer_scores_rows with f32 q and f32 keys.
+// Indexer scores of query row r over its own sequence's cached keys (any head dim), f32:
+// out[r, s] = Σ_h w[r, h] · ReLU(q[r, h, :] · keys[base[r] + s, :]) for s < lens[r], −∞ for
+// lens[r] ≤ s < max_ctx. q: [n, H, D], w: [n, H], keys: [*, D]. Grid (ctx/128, n).
 extern "C" __global__ void indexer_scores_rows_f32(const float* q, const float* w,
                                                    const float* keys, const int* base,
                                                    const int* lens, float* out, int H, int D,

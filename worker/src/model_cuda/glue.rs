@@ -24,7 +24,6 @@ pub const GLUE: KernelSource = KernelSource {
     code: include_str!("glue.cu"),
     kernels: &[
         "rmsnorm_f32_rows",
-        "rmsnorm_bf16_strided",
         "rmsnorm_bf16_inplace",
         "add_bf16_into_f32",
         "bf16_to_f32_k",
@@ -33,7 +32,6 @@ pub const GLUE: KernelSource = KernelSource {
         "scatter_rows_bf16",
         "absorb_q",
         "unabsorb_o",
-        "indexer_scores_rows",
         "add_base",
         "layernorm_f32_rows",
         "scatter_rows_f32",
@@ -125,28 +123,6 @@ impl Glue {
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(x).arg(w).arg(y).arg(yf).arg(&d).arg(&eps);
         // SAFETY: matches `rmsnorm_f32_rows` in glue.cu; every buffer holds rows × dim (checked).
-        unsafe { b.launch(rows_cfg(rows)) }.map_err(launched(OP))?;
-        Ok(())
-    }
-
-    /// y[r, :dim] = RMSNorm(x[r, :dim]); x, y: [rows, dim] bf16 (dense rows).
-    pub fn rmsnorm_bf16(
-        &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<bf16>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(), CudaError> {
-        const OP: &str = "rmsnorm_bf16_strided";
-        check(OP, "x", x.len(), rows * dim)?;
-        check(OP, "y", y.len(), rows * dim)?;
-        check(OP, "w", w.len(), dim)?;
-        let d = i32_of(OP, dim)?;
-        let mut b = self.stream.launch_builder(self.func(OP));
-        b.arg(x).arg(&d).arg(w).arg(y).arg(&d).arg(&d).arg(&eps);
-        // SAFETY: matches `rmsnorm_bf16_strided`; strides = dim, rows × dim checked.
         unsafe { b.launch(rows_cfg(rows)) }.map_err(launched(OP))?;
         Ok(())
     }
@@ -323,46 +299,6 @@ impl Glue {
         Ok(())
     }
 
-    /// Indexer scores `[n, max_ctx]` of each query row over keys `base[r] ..
-    /// base[r] + lens[r]` of the key cache `[key_rows, dim]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn indexer_scores(
-        &self,
-        q: &CudaSlice<bf16>,
-        w: &CudaSlice<f32>,
-        keys: &CudaSlice<bf16>,
-        base: &CudaSlice<i32>,
-        lens: &CudaSlice<i32>,
-        out: &mut CudaSlice<f32>,
-        n: usize,
-        heads: usize,
-        dim: usize,
-        max_ctx: usize,
-    ) -> Result<(), CudaError> {
-        const OP: &str = "indexer_scores_rows";
-        check(OP, "q", q.len(), n * heads * dim)?;
-        check(OP, "w", w.len(), n * heads)?;
-        check(OP, "base", base.len(), n)?;
-        check(OP, "lens", lens.len(), n)?;
-        check(OP, "out", out.len(), n * max_ctx)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let (h, d, c) = (i32_of(OP, heads)?, i32_of(OP, dim)?, i32_of(OP, max_ctx)?);
-        let cfg = LaunchConfig {
-            grid_dim: (max_ctx.div_ceil(128) as u32, n as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(self.func(OP));
-        b.arg(q).arg(w).arg(keys).arg(base).arg(lens).arg(out).arg(&h).arg(&d).arg(&c);
-        // SAFETY: matches `indexer_scores_rows`; q, w, out checked; the kernel reads keys rows
-        // base[r] + s for s < min(lens[r], max_ctx), inside the sequence's cache region by the
-        // forward's construction (base = slot · max_ctx, lens ≤ max_ctx).
-        unsafe { b.launch(cfg) }.map_err(launched(OP))?;
-        Ok(())
-    }
-
     /// idx[r, j] += base[r] where idx[r, j] ≥ 0. idx `[n, k]`.
     pub fn add_base(
         &self,
@@ -431,7 +367,8 @@ impl Glue {
         Ok(())
     }
 
-    /// [`Self::indexer_scores`] with f32 queries and an f32 key cache.
+    /// Indexer scores `[n, max_ctx]` of each f32 query row over keys `base[r] .. base[r] +
+    /// lens[r]` of the f32 key cache `[key_rows, dim]` (−∞ beyond `lens[r]`).
     #[allow(clippy::too_many_arguments)]
     pub fn indexer_scores_f32(
         &self,
@@ -463,8 +400,9 @@ impl Glue {
         };
         let mut b = self.stream.launch_builder(self.func(OP));
         b.arg(q).arg(w).arg(keys).arg(base).arg(lens).arg(out).arg(&h).arg(&d).arg(&c);
-        // SAFETY: as `indexer_scores`: keys rows base[r] + s, s < min(lens[r], max_ctx), lie in
-        // the sequence's cache region by the forward's construction.
+        // SAFETY: matches `indexer_scores_rows_f32`; q, w, out checked; the kernel reads keys
+        // rows base[r] + s for s < min(lens[r], max_ctx), inside the sequence's cache region by
+        // the forward's construction (base = slot · max_ctx, lens ≤ max_ctx).
         unsafe { b.launch(cfg) }.map_err(launched(OP))?;
         Ok(())
     }
