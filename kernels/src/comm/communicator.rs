@@ -427,8 +427,9 @@ impl<L: Link> Collective for Communicator<L> {
     }
 }
 
-/// Element types the sums support: widened to f32, accumulated, narrowed once.
-trait Summand: Pod + Send {
+/// Element types the sums support: widened to f32, accumulated, narrowed once (shared by every
+/// collective that sums on the host).
+pub(super) trait Summand: Pod + Send {
     fn widen(self) -> f32;
     fn narrow(x: f32) -> Self;
 }

@@ -31,6 +31,7 @@ use std::time::Instant;
 use bytemuck::Pod;
 use half::bf16;
 
+use super::communicator::Summand;
 use super::{Collective, CommError, CommOptions};
 use crate::cuda::nccl::NcclElem;
 use crate::cuda::{self, CudaDevice, CudaError, NcclUniqueId};
@@ -185,7 +186,7 @@ impl NcclComm {
         res.map_err(|err| self.poison(err))
     }
 
-    fn sum_rank_order<T: Summand>(
+    fn sum_rank_order<T: DeviceSummand>(
         &mut self,
         op: &'static str,
         buf: &mut [T],
@@ -200,7 +201,7 @@ impl NcclComm {
         Ok(())
     }
 
-    fn reduce_scatter_impl<T: Summand>(
+    fn reduce_scatter_impl<T: DeviceSummand>(
         &mut self,
         send: &[T],
         recv: &mut [T],
@@ -236,28 +237,13 @@ impl Drop for NcclComm {
     }
 }
 
-/// Element types the sums support: widened to f32, accumulated, narrowed once.
-trait Summand: Pod + NcclElem + Default + Clone + cudarc::driver::ValidAsZeroBits {
-    fn widen(self) -> f32;
-    fn narrow(x: f32) -> Self;
-}
+/// Element types the sums support on the device: the host collectives' [`Summand`] (widened to
+/// f32, accumulated, narrowed once) that NCCL can also move.
+trait DeviceSummand: Summand + NcclElem + Default + Clone + cudarc::driver::ValidAsZeroBits {}
 
-impl Summand for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-    fn narrow(x: f32) -> Self {
-        x
-    }
-}
-
-impl Summand for bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    fn narrow(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
+impl<T: Summand + NcclElem + Default + Clone + cudarc::driver::ValidAsZeroBits> DeviceSummand
+    for T
+{
 }
 
 impl Collective for NcclComm {
