@@ -101,14 +101,8 @@ pub(crate) fn expert_tally_of_load(
     cfg: &ModelConfig,
     routed: &[u32],
 ) -> Option<crate::metrics::ExpertTally> {
-    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
-    if layers.is_empty() || cfg.n_routed_experts == 0 {
-        return None;
-    }
-    let mut t = crate::metrics::ExpertTally::new(layers, cfg.n_routed_experts);
-    for (c, &r) in t.counts.iter_mut().zip(routed) {
-        *c += u64::from(r);
-    }
+    let mut t = crate::metrics::ExpertTally::for_model(cfg)?;
+    t.add_counts(routed);
     Some(t)
 }
 
@@ -117,11 +111,7 @@ pub(crate) fn expert_tally(
     cfg: &ModelConfig,
     out: &ForwardOutput,
 ) -> Option<crate::metrics::ExpertTally> {
-    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
-    if layers.is_empty() || cfg.n_routed_experts == 0 {
-        return None;
-    }
-    let mut t = crate::metrics::ExpertTally::new(layers, cfg.n_routed_experts);
+    let mut t = crate::metrics::ExpertTally::for_model(cfg)?;
     t.add_routing(&out.routed_experts);
     Some(t)
 }

@@ -44,6 +44,22 @@ impl ExpertTally {
         self.layers.len()
     }
 
+    /// An empty tally over `cfg`'s MoE layers and routed experts (`None`: the model has none).
+    pub fn for_model(cfg: &fathom_common::ModelConfig) -> Option<Self> {
+        let layers: Vec<usize> =
+            (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+        (!layers.is_empty() && cfg.n_routed_experts > 0)
+            .then(|| Self::new(layers, cfg.n_routed_experts))
+    }
+
+    /// Adds a rank's step counters: `routed` is `[moe_layers][experts]` flattened (as
+    /// `parallel::StepLoad::routed`).
+    pub fn add_counts(&mut self, routed: &[u32]) {
+        for (c, &r) in self.counts.iter_mut().zip(routed) {
+            *c += u64::from(r);
+        }
+    }
+
     /// Adds a forward's recorded routing: per token row, per MoE layer, the expert ids. Ids or
     /// layers outside the tally are ignored (they cannot come from a model of this shape).
     pub fn add_routing(&mut self, per_token: &[Vec<Vec<u32>>]) {
