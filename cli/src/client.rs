@@ -129,7 +129,7 @@ impl Timings {
         } else {
             0.0
         };
-        eprintln!(
+        say!(
             "fathom: {} tokens, time to first token {:.1} ms, total {:.1} ms, {:.1} tokens/s",
             self.tokens,
             self.ttft.as_secs_f64() * 1e3,

@@ -240,10 +240,10 @@ async fn campaign(args: &CoordinatorArgs, id: &str) -> Result<(Arc<dyn Membershi
     );
     let ttl = Duration::from_secs(cfg.membership.lease_ttl_s);
     if let Ok(Some(leader)) = m.leader().await {
-        eprintln!("fathom: coordinator {id} stands by (leader: {leader})");
+        say!("fathom: coordinator {id} stands by (leader: {leader})");
     }
     let l = m.campaign(id.to_string(), ttl).await.context("campaigning for leadership")?;
-    eprintln!("fathom: coordinator {id} leads cluster {}", cfg.cluster);
+    say!("fathom: coordinator {id} leads cluster {}", cfg.cluster);
     Ok((m, l))
 }
 
@@ -262,7 +262,7 @@ async fn superseded(m: Arc<dyn Membership>, id: String, mut leadership: Leadersh
                     let ttl = Duration::from_secs(2);
                     if let Ok(Ok(l)) = tokio::time::timeout(ttl, m.campaign(id.clone(), ttl)).await
                     {
-                        eprintln!("fathom: coordinator {id} leads again");
+                        say!("fathom: coordinator {id} leads again");
                         leadership = l;
                         break;
                     }

@@ -3,6 +3,18 @@
 
 use clap::{Parser, Subcommand};
 
+/// `eprintln!` in one write. `fathom up` and its worker processes share one stderr, and Rust's
+/// unbuffered stderr issues a write per formatted piece, so lines of several processes would
+/// interleave mid-line (tests and operators parse these lines).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 mod admin;
 mod bench;
 mod bench_comm;
@@ -75,7 +87,7 @@ fn main() {
         Err(e) if e.use_stderr() => {
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("fathom: {}", line.trim_start_matches("error: "));
+            say!("fathom: {}", line.trim_start_matches("error: "));
             std::process::exit(2);
         }
         Err(e) => e.exit(),
@@ -89,7 +101,7 @@ fn main() {
     let guard = match telemetry::init(&cli.telemetry, &env, service) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("fathom: {e:#}");
+            say!("fathom: {e:#}");
             std::process::exit(2);
         }
     };
@@ -118,7 +130,7 @@ fn main() {
                 msg = format!("{msg}: {cause}");
             }
         }
-        eprintln!("fathom: {}", msg.replace('\n', " "));
+        say!("fathom: {}", msg.replace('\n', " "));
         std::process::exit(1);
     }
 }

@@ -154,7 +154,7 @@ impl Children {
         cmd.args(&self.extra_args);
         let child =
             cmd.stdin(Stdio::null()).spawn().with_context(|| format!("spawning worker {id}"))?;
-        eprintln!("fathom: worker {id} pid {} on {addr}", child.id());
+        say!("fathom: worker {id} pid {} on {addr}", child.id());
         Ok(child)
     }
 
@@ -177,7 +177,7 @@ impl Children {
             if quick >= MAX_QUICK_EXITS {
                 bail!("worker {} failed to start {quick} times in a row (last: {status})", w.id);
             }
-            eprintln!("fathom: worker {} exited with {status}; restarting it", w.id);
+            say!("fathom: worker {} exited with {status}; restarting it", w.id);
             let child = self.spawn(&w.id, &w.addr)?;
             let w = &mut self.workers[i];
             (w.child, w.started, w.quick_exits) = (child, Instant::now(), quick);
@@ -218,7 +218,7 @@ fn model_dir(args: &UpArgs, cache: &Path) -> Result<PathBuf> {
     if dir.join("config.json").exists() {
         return Ok(dir);
     }
-    eprintln!("fathom: synthesizing the tiny model into {}", dir.display());
+    say!("fathom: synthesizing the tiny model into {}", dir.display());
     // Synthesize beside the target and rename, so a crash never leaves a half-written model.
     let tmp = cache.join(format!("tiny-f32-seed0.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -295,7 +295,7 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
             Some(t) => t.clone(),
             None => {
                 let t = random_token()?;
-                eprintln!("fathom: admin token {t}");
+                say!("fathom: admin token {t}");
                 t
             }
         }),
@@ -360,7 +360,7 @@ async fn serve(
     if let Some(h) = c.http_addr {
         println!("fathom: http on http://{h}/v1");
     }
-    eprintln!("fathom: cluster ready in {:.1} s", started.elapsed().as_secs_f64());
+    say!("fathom: cluster ready in {:.1} s", started.elapsed().as_secs_f64());
     let outcome = if args.prompt.is_some() || args.prompt_ids.is_some() {
         let g = GenerateArgs {
             model: None,

@@ -103,7 +103,7 @@ async fn register(
             Err(e) => return Err(e).context("registering in membership"),
         }
     };
-    eprintln!("fathom: worker {id} registered in cluster {}", cfg.cluster);
+    say!("fathom: worker {id} registered in cluster {}", cfg.cluster);
     Ok(Some(r))
 }
 
@@ -171,12 +171,12 @@ async fn serve(
     let metrics = Arc::new(WorkerMetrics::register(&prom)?);
     if !cfg.worker.metrics_listen.is_empty() {
         let a = crate::telemetry::start_metrics(&cfg.worker.metrics_listen, prom).await?;
-        eprintln!("fathom: worker {id} metrics on http://{a}/metrics");
+        say!("fathom: worker {id} metrics on http://{a}/metrics");
     }
     let service =
         WorkerService::new(id.clone(), cfg.worker.device.clone(), factory).with_metrics(metrics);
     let mut stop = service.shutdown_signal();
-    eprintln!("fathom: worker {id} listening on {addr}");
+    say!("fathom: worker {id} listening on {addr}");
     // Serve while registering: the coordinator may probe this worker before the registration
     // succeeds (e.g. while the previous incarnation's lease still holds the id).
     let registering = {
@@ -242,6 +242,6 @@ async fn serve(
     if let Some(r) = registration.flatten() {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, r.release()).await;
     }
-    eprintln!("fathom: worker {id} stopped");
+    say!("fathom: worker {id} stopped");
     Ok(())
 }
