@@ -85,6 +85,31 @@ pub struct ParallelSection {
     /// `"*:17"` applies to every MoE layer.
     #[serde(default)]
     pub pinned_replicas: std::collections::BTreeMap<String, usize>,
+    /// Elastic growth (issue 9): workers that register while serving join at the next epoch
+    /// boundary as new ranks (T at a time) with redundant replica slots, up to this many ranks.
+    /// Unset: `world_size` (no growth beyond the configured world; a world that shrank still
+    /// grows back to it). A multiple of `tp`, at least `world_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_world_size: Option<usize>,
+    /// Elastic shrink (issue 10): when a rank is lost and no spare can replace it, the next epoch
+    /// runs on the surviving ranks (whole groups) if they still hold every expert and are at
+    /// least this many; otherwise the cluster waits for a replacement. Unset: `tp` (shrink to
+    /// any covered world); set it to `world_size` to always wait for a replacement. A multiple
+    /// of `tp`, at most `world_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_world_size: Option<usize>,
+}
+
+impl ParallelSection {
+    /// The largest world an epoch may have (`max_world_size`, default `world_size`).
+    pub fn max_world(&self) -> usize {
+        self.max_world_size.unwrap_or(self.world_size).max(self.world_size)
+    }
+
+    /// The smallest world a shrunk epoch may have (`min_world_size`, default `tp`).
+    pub fn min_world(&self) -> usize {
+        self.min_world_size.unwrap_or(self.tp).max(1)
+    }
 }
 
 fn one() -> usize {
@@ -99,6 +124,8 @@ impl Default for ParallelSection {
             redundant_slots_per_rank: 0,
             redundant_experts: None,
             pinned_replicas: Default::default(),
+            max_world_size: None,
+            min_world_size: None,
         }
     }
 }
@@ -273,6 +300,25 @@ impl ClusterConfig {
         if p.tp == 0 || p.world_size % p.tp != 0 {
             return bad("parallel.tp", format!("{} must divide world_size {}", p.tp, p.world_size));
         }
+        if let Some(m) = p.max_world_size
+            && (m < p.world_size || m % p.tp != 0)
+        {
+            return bad(
+                "parallel.max_world_size",
+                format!("{m} must be >= world_size {} and a multiple of tp {}", p.world_size, p.tp),
+            );
+        }
+        if let Some(m) = p.min_world_size
+            && (m == 0 || m > p.world_size || m % p.tp != 0)
+        {
+            return bad(
+                "parallel.min_world_size",
+                format!(
+                    "{m} must be in 1..=world_size {} and a multiple of tp {}",
+                    p.world_size, p.tp
+                ),
+            );
+        }
         if self.membership.lease_ttl_s < 2 {
             return bad("membership.lease_ttl_s", "must be >= 2 (keep-alive runs at TTL/2)".into());
         }
@@ -337,6 +383,8 @@ mod tests {
         c.parallel.pinned_replicas.insert("*:3".into(), 2);
         c.parallel.redundant_slots_per_rank = 2;
         c.parallel.redundant_experts = Some(4);
+        c.parallel.max_world_size = Some(24);
+        c.parallel.min_world_size = Some(8);
         c.coordinator.expert_load_window_steps = 64;
         c.membership.etcd_endpoints = vec!["http://etcd:2379".into()];
         let back = ClusterConfig::from_toml_str(&c.to_toml(), "t").unwrap();
@@ -358,5 +406,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("parallel.redundant_experts"), "{e}");
+        let elastic = |k: &str, v: usize| {
+            ClusterConfig::from_toml_str(
+                &format!("[parallel]\nworld_size = 4\ntp = 2\n{k} = {v}\n"),
+                "x",
+            )
+        };
+        for (k, v) in [
+            ("max_world_size", 2),
+            ("max_world_size", 7),
+            ("min_world_size", 6),
+            ("min_world_size", 3),
+            ("min_world_size", 0),
+        ] {
+            let e = elastic(k, v).unwrap_err();
+            assert!(e.to_string().contains(&format!("parallel.{k}")), "{k} = {v}: {e}");
+        }
+        let c = elastic("max_world_size", 8).unwrap();
+        assert_eq!((c.parallel.max_world(), c.parallel.min_world()), (8, 2));
+        let c = elastic("min_world_size", 4).unwrap();
+        assert_eq!((c.parallel.max_world(), c.parallel.min_world()), (4, 4));
     }
 }

@@ -27,6 +27,7 @@
 //! `slots_per_rank` and no two replicas share a (rank, slot); each rank holds at most its even
 //! share plus `redundant_slots_per_rank` experts per layer.
 
+pub mod elastic;
 pub mod load;
 pub mod placement;
 pub mod rebalance;
