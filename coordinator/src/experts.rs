@@ -29,9 +29,11 @@
 //! an await.
 
 use crate::engine::EngineError;
+use crate::planner::Layout;
 use fathom_common::ModelConfig;
 use fathom_common::cluster::ClusterConfig;
 use fathom_common::ids::Epoch;
+use fathom_common::plan::elastic::reshape;
 use fathom_common::plan::load::{balance, balancedness};
 use fathom_common::plan::rebalance::{rebalance, set_replicas};
 use fathom_common::plan::{
@@ -319,19 +321,26 @@ impl ExpertsHandle {
 
     // ---- engine hooks -------------------------------------------------------------------
 
-    /// Puts the expert placement into a freshly formed `plan`: the placement in effect when the
-    /// layout (W, T) is unchanged (operator changes survive a new epoch), else the configured
-    /// initial policy. A pending change is dropped (the new epoch starts from a known state).
-    pub fn shape_plan(&self, plan: &mut Plan) -> Result<(), String> {
+    /// Puts the expert placement into a freshly formed `plan` according to `layout` (chosen by
+    /// `crate::planner::choose_ranks`): the configured initial policy for [`Layout::Fresh`];
+    /// the placement in effect for [`Layout::Same`] (operator changes survive a new epoch); for
+    /// [`Layout::Reshaped`] the placement in effect carried onto the new world
+    /// (`fathom_common::plan::elastic::reshape`: continued ranks keep their replicas and slots,
+    /// new ranks get as many slots as an existing rank, filled from the measured load). A
+    /// pending change is dropped (the new epoch starts from a known state).
+    pub fn shape_plan(&self, plan: &mut Plan, layout: &Layout) -> Result<(), String> {
         let mut st = self.lock();
         let (w, t) = (plan.world_size as usize, plan.tp as usize);
-        let mut layout = st.initial_plan(plan.epoch, w, t)?;
-        if let Some(a) = &st.active
-            && a.world_size == w
-            && a.tp == t
-        {
-            layout.placement = a.placement.clone();
-        }
+        let active = st.active.as_ref().filter(|a| a.tp == t);
+        let mut layout = match (layout, active) {
+            (Layout::Same, Some(a)) if a.world_size == w => a.clone(),
+            (Layout::Reshaped { origins }, Some(a)) if origins.len() == w => {
+                let totals = st.totals();
+                reshape(a, origins, Epoch(plan.epoch), a.placement.slots_per_rank, &totals)
+                    .map_err(|e| format!("elastic placement for W={w}: {e}"))?
+            }
+            _ => st.initial_plan(plan.epoch, w, t)?,
+        };
         layout.epoch = Epoch(plan.epoch);
         plan.placement = placement_to_wire(&layout.placement);
         plan.redundant_slots_per_rank = layout.placement.redundant_slots_per_rank as u32;
@@ -339,6 +348,11 @@ impl ExpertsHandle {
         st.pending = None;
         st.preparing = Some(layout);
         Ok(())
+    }
+
+    /// The plan (layout and placement) in effect, if an epoch served.
+    pub fn active_plan(&self) -> Option<ParallelPlan> {
+        self.lock().active.clone()
     }
 
     /// The epoch whose plan [`Self::shape_plan`] shaped serves now.

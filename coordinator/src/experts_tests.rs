@@ -2,6 +2,7 @@
 //! written by hand: counters, the stage → acknowledge → switch protocol, refusals.
 
 use super::*;
+use crate::planner::Layout;
 use fathom_common::plan::load::rank_loads;
 
 const W: usize = 4;
@@ -16,7 +17,7 @@ fn handle(redundant_slots: usize, redundant_experts: Option<usize>) -> (ExpertsH
     };
     let h = ExpertsHandle::new(cfg, model);
     let mut plan = Plan { epoch: 1, world_size: W as u32, tp: 1, ..Default::default() };
-    h.shape_plan(&mut plan).unwrap();
+    h.shape_plan(&mut plan, &Layout::Fresh).unwrap();
     h.epoch_started();
     (h, plan)
 }
@@ -183,13 +184,33 @@ fn a_new_epoch_keeps_the_placement_in_effect() {
     h.prepare_step(&mut StepRequest::default());
     assert_eq!(h.snapshot().placement_version, 1);
     let mut plan = Plan { epoch: 2, world_size: W as u32, tp: 1, ..Default::default() };
-    h.shape_plan(&mut plan).unwrap();
+    h.shape_plan(&mut plan, &Layout::Same).unwrap();
     h.epoch_started();
     assert_eq!(plan.placement_version, 1);
     let reps: usize = plan.placement[0].experts.iter().map(|e| e.slots.len()).sum();
     assert_eq!(reps, 16 + 3);
     // A different world starts from the configured policy.
     let mut plan = Plan { epoch: 3, world_size: 2, tp: 1, ..Default::default() };
-    h.shape_plan(&mut plan).unwrap();
+    h.shape_plan(&mut plan, &Layout::Fresh).unwrap();
     assert_eq!(plan.placement_version, 0);
+}
+
+#[test]
+fn a_shrunk_epoch_carries_the_placement_onto_the_survivors() {
+    let (h, first) = handle(5, None);
+    let before = h.active_plan().unwrap();
+    use fathom_common::ids::Rank;
+    let origins = vec![Some(Rank(0)), Some(Rank(2)), Some(Rank(3))];
+    let mut plan = Plan { epoch: 2, world_size: 3, tp: 1, ..Default::default() };
+    h.shape_plan(&mut plan, &Layout::Reshaped { origins }).unwrap();
+    h.epoch_started();
+    let after = h.active_plan().unwrap();
+    assert_eq!(after.world_size, 3);
+    assert_eq!(plan.placement_version, first.placement_version + 1);
+    for (new, old) in [(0u32, 0u32), (1, 2), (2, 3)] {
+        for l in &after.placement.layers {
+            assert_eq!(after.experts_on(l.layer, Rank(new)), before.experts_on(l.layer, Rank(old)));
+        }
+    }
+    assert_eq!(h.snapshot().world_size, 3);
 }

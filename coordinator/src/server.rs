@@ -122,6 +122,8 @@ pub async fn start_with(
         migrate_timeout: opts.migrate_timeout,
         world_size: cfg.parallel.world_size,
         tp: cfg.parallel.tp,
+        min_world_size: cfg.parallel.min_world(),
+        max_world_size: cfg.parallel.max_world(),
         model_path: model_dir.display().to_string(),
         comm: cfg.worker.comm.clone(),
         eos_ids: model.eos_ids(),

@@ -76,6 +76,20 @@ pub trait Executor: Send + std::fmt::Debug {
     /// Bytes of weights this rank holds (reported in `PrepareEpochResponse`).
     fn weight_bytes(&self) -> u64;
 
+    /// What preparing this epoch read from the checkpoint and kept from the previous epoch
+    /// (reported in `PrepareEpochResponse`). Default: everything held was loaded, expert bytes
+    /// not counted.
+    fn prepare_cost(&self) -> PrepareCost {
+        PrepareCost { loaded_bytes: self.weight_bytes(), ..PrepareCost::default() }
+    }
+
+    /// Elastic epochs: gives up this executor's weights so that the next epoch's executor can
+    /// keep the unchanged ones ([`ExecutorFactory::prepare_with`]); its collectives and KV cache
+    /// are dropped. Default: nothing reusable.
+    fn into_weights(self: Box<Self>) -> Option<HeldWeights> {
+        None
+    }
+
     /// What the last executed step adds to its `StepResult`: expert-load counters and
     /// placement versions (issue 9, `crate::experts`). Default: nothing.
     fn step_report(&mut self) -> crate::experts::StepReport {
@@ -120,6 +134,57 @@ pub(crate) fn expert_tally(
 /// Called on a blocking thread (loading can take long).
 pub trait ExecutorFactory: Send + Sync + std::fmt::Debug {
     fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError>;
+
+    /// [`Self::prepare`] given the weights of this worker's previous epoch (elastic epochs):
+    /// tensors whose slice is unchanged under the new plan are kept instead of loaded again.
+    /// Default: the weights are dropped and everything is loaded.
+    fn prepare_with(
+        &self,
+        ctx: EpochContext,
+        held: Option<HeldWeights>,
+    ) -> Result<Box<dyn Executor>, ExecError> {
+        drop(held);
+        self.prepare(ctx)
+    }
+}
+
+/// Bytes one preparation read from the checkpoint (values delivered × 4, as
+/// `parallel::CountingSource` counts) and kept from the previous epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareCost {
+    pub loaded_bytes: u64,
+    /// Routed experts (`*.mlp.experts.*`) among `loaded_bytes`.
+    pub loaded_expert_bytes: u64,
+    pub reused_bytes: u64,
+}
+
+impl PrepareCost {
+    /// The cost of a load whose delivered bytes per tensor are `loaded`, keeping `reused` bytes.
+    pub fn of(loaded: &std::collections::BTreeMap<String, u64>, reused: u64) -> Self {
+        Self {
+            loaded_bytes: loaded.values().sum(),
+            loaded_expert_bytes: loaded
+                .iter()
+                .filter(|(name, _)| is_routed_expert(name))
+                .map(|(_, b)| b)
+                .sum(),
+            reused_bytes: reused,
+        }
+    }
+}
+
+/// Whether checkpoint tensor `name` belongs to a routed expert (`model.layers.L.mlp.experts.E.*`).
+pub fn is_routed_expert(name: &str) -> bool {
+    name.contains(".mlp.experts.")
+}
+
+/// The weights an executor gives up at the end of its epoch ([`Executor::into_weights`]): a
+/// sharded rank's model, the checkpoint it came from and the bytes it holds per tensor name.
+#[derive(Debug)]
+pub struct HeldWeights {
+    pub model_path: String,
+    pub model: crate::parallel::RankModel,
+    pub bytes: std::collections::BTreeMap<String, u64>,
 }
 
 /// The model inputs of one group's sequences (every rank of the group passes the same).
@@ -270,10 +335,19 @@ pub struct DefaultFactory;
 
 impl ExecutorFactory for DefaultFactory {
     fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError> {
+        self.prepare_with(ctx, None)
+    }
+
+    fn prepare_with(
+        &self,
+        ctx: EpochContext,
+        held: Option<HeldWeights>,
+    ) -> Result<Box<dyn Executor>, ExecError> {
         if ctx.plan.world_size > 1 {
-            sharded::ShardedFactory.prepare(ctx)
+            sharded::ShardedFactory.prepare_with(ctx, held)
         } else {
-            single::SingleRankFactory.prepare(ctx)
+            // One rank holds the whole model: nothing of a shard is reused.
+            single::SingleRankFactory.prepare_with(ctx, held)
         }
     }
 }
@@ -324,9 +398,11 @@ pub mod single {
                 "loading weights",
                 super::main_model_values(&cfg),
             );
-            let model = Model::load(&progress, cfg.clone(), ShardSpec::full(&cfg))
+            let counting = crate::parallel::CountingSource::new(&progress);
+            let model = Model::load(&counting, cfg.clone(), ShardSpec::full(&cfg))
                 .map_err(|e| ExecError::Load(e.to_string()))?;
             progress.finish();
+            let cost = super::PrepareCost::of(&counting.bytes_by_tensor(), 0);
             let cache = model
                 .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
                 .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
@@ -344,6 +420,7 @@ pub mod single {
                 model,
                 cache,
                 weight_bytes,
+                cost,
                 report: StepReport::default(),
                 carry: Default::default(),
             }))
@@ -356,6 +433,7 @@ pub mod single {
         model: Model,
         cache: PagedKvCache,
         weight_bytes: u64,
+        cost: super::PrepareCost,
         report: StepReport,
         carry: super::routing::RoutingCarry,
     }
@@ -392,6 +470,10 @@ pub mod single {
 
         fn weight_bytes(&self) -> u64 {
             self.weight_bytes
+        }
+
+        fn prepare_cost(&self) -> super::PrepareCost {
+            self.cost
         }
 
         fn take_report(&mut self) -> StepReport {

@@ -5,6 +5,11 @@
 //! (every step executed in order, answered with one `StepResult`) → Shutdown (signals the
 //! process to exit via [`WorkerService::shutdown_signal`]).
 //!
+//! Elastic epochs: a new PrepareEpoch takes the previous epoch's executor (waiting at most
+//! [`REUSE_WAIT`] for a step still holding it), drops its collectives and KV cache, and hands its
+//! weights to the factory ([`ExecutorFactory::prepare_with`]), which keeps every unchanged
+//! tensor; the response reports the bytes loaded and reused.
+//!
 //! Invariants: at most one executor exists (the prepared epoch's); a step naming another epoch is
 //! fenced (answered with `StepResult.error`, not executed); step ids are strictly increasing per
 //! epoch; a second PrepareEpoch of the same epoch is a no-op, of an older epoch ABORTED.
@@ -12,7 +17,7 @@
 //! Does not own: registration in the membership store and process exit (the binary's `worker`
 //! command), the model math (`executor`).
 
-use crate::executor::{EpochContext, ExecError, Executor, ExecutorFactory};
+use crate::executor::{EpochContext, ExecError, Executor, ExecutorFactory, HeldWeights};
 use crate::metrics::WorkerMetrics;
 use fathom_kernels::comm::{Collective, CommOptions, TcpComm};
 use fathom_proto::v1::worker_server::Worker;
@@ -38,7 +43,7 @@ struct Inner {
     rank: Option<u32>,
     last_step_id: u64,
     detail: String,
-    executor: Option<Arc<Mutex<Box<dyn Executor>>>>,
+    executor: Option<SharedExecutor>,
 }
 
 /// The Worker service. Cheap to clone (shared state).
@@ -129,6 +134,33 @@ fn run_step(
     Ok((result?, ex.step_report()))
 }
 
+/// How long a new epoch's preparation waits for a step of the old epoch that still holds the
+/// executor (e.g. failing on a dead peer) before loading everything instead of reusing weights.
+const REUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+type SharedExecutor = Arc<Mutex<Box<dyn Executor>>>;
+
+/// The weights of the previous epoch's executor, once no step holds it (`None`: none, not
+/// reusable, or still busy after [`REUSE_WAIT`]). Drops its collectives and KV cache.
+fn take_weights(previous: Option<SharedExecutor>) -> Option<HeldWeights> {
+    let mut shared = previous?;
+    let deadline = Instant::now() + REUSE_WAIT;
+    let executor = loop {
+        match Arc::try_unwrap(shared) {
+            Ok(m) => break m.into_inner().unwrap_or_else(|p| p.into_inner()),
+            Err(still) if Instant::now() < deadline => {
+                shared = still;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(_) => {
+                tracing::warn!("the previous epoch's executor is still busy: loading everything");
+                return None;
+            }
+        }
+    };
+    executor.into_weights()
+}
+
 type BoxedComm = Box<dyn Collective>;
 
 /// Joins the epoch's TCP world communicator (rank 0 binds `rendezvous`, the others connect to
@@ -197,6 +229,7 @@ impl Worker for WorkerService {
                 plan.tp
             )));
         }
+        let previous;
         {
             let mut g = self.lock();
             if plan.epoch < g.epoch {
@@ -216,7 +249,7 @@ impl Worker for WorkerService {
             g.state = WorkerState::Preparing;
             g.epoch = plan.epoch;
             g.rank = Some(rank);
-            g.executor = None;
+            previous = g.executor.take();
             g.last_step_id = 0;
             g.detail = format!("preparing epoch {}", plan.epoch);
         }
@@ -230,6 +263,8 @@ impl Worker for WorkerService {
         let load_span = span.clone();
         let built = tokio::task::spawn_blocking(move || {
             let _in_span = load_span.enter();
+            // Before joining: the old executor's collectives are dropped with it.
+            let held = take_weights(previous);
             let comm_started = Instant::now();
             let (world, group) = if plan.world_size > 1 {
                 let (w, g) = join_collectives(&plan, rank, rendezvous.as_deref())?;
@@ -239,7 +274,7 @@ impl Worker for WorkerService {
             };
             let comm_ms = comm_started.elapsed().as_millis() as u64;
             let ctx = EpochContext { plan, rank, world, group };
-            factory.prepare(ctx).map(|ex| (ex, comm_ms))
+            factory.prepare_with(ctx, held).map(|ex| (ex, comm_ms))
         })
         .instrument(span.clone())
         .await
@@ -252,11 +287,22 @@ impl Worker for WorkerService {
         match built {
             Ok((ex, comm_init_ms)) => {
                 let weight_bytes = ex.weight_bytes();
+                let cost = ex.prepare_cost();
                 g.executor = Some(Arc::new(Mutex::new(ex)));
                 g.state = WorkerState::Ready;
                 g.detail = format!("ready for epoch {epoch} as rank {rank}");
                 self.metrics.set_epoch(epoch, true);
-                tracing::info!(parent: &span, epoch, rank, load_ms, weight_bytes, "epoch prepared");
+                tracing::info!(
+                    parent: &span,
+                    epoch,
+                    rank,
+                    load_ms,
+                    weight_bytes,
+                    loaded_bytes = cost.loaded_bytes,
+                    loaded_expert_bytes = cost.loaded_expert_bytes,
+                    reused_bytes = cost.reused_bytes,
+                    "epoch prepared"
+                );
                 Ok(Response::new(PrepareEpochResponse {
                     epoch,
                     rank,
@@ -264,6 +310,9 @@ impl Worker for WorkerService {
                     load_ms,
                     comm_init_ms,
                     weight_bytes,
+                    loaded_bytes: cost.loaded_bytes,
+                    loaded_expert_bytes: cost.loaded_expert_bytes,
+                    reused_bytes: cost.reused_bytes,
                 }))
             }
             Err(e) => {

@@ -86,6 +86,9 @@ impl Admin for AdminApi {
                 } as i32,
                 last_seen_ms: r.last_seen.elapsed().as_millis() as u64,
                 detail: r.detail.clone(),
+                epoch_loaded_bytes: r.prepared.loaded_bytes,
+                epoch_loaded_expert_bytes: r.prepared.loaded_expert_bytes,
+                epoch_reused_bytes: r.prepared.reused_bytes,
             })
             .collect();
         let groups = s

@@ -64,6 +64,10 @@ pub struct EngineConfig {
     /// World size and TP of the plans to form.
     pub world_size: usize,
     pub tp: usize,
+    /// Elastic epochs (`parallel.min_world_size` / `max_world_size`, docs/cluster.md): the
+    /// smallest world a shrunk epoch may have, the largest a grown one may have.
+    pub min_world_size: usize,
+    pub max_world_size: usize,
     /// Model checkpoint directory (sent in the plan).
     pub model_path: String,
     /// Collective backend named in the plan.
@@ -114,6 +118,16 @@ pub struct RankStatus {
     pub healthy: bool,
     pub last_seen: Instant,
     pub detail: String,
+    /// What preparing the current epoch cost the rank (its `PrepareEpochResponse`).
+    pub prepared: PrepareCost,
+}
+
+/// Bytes one rank read from the checkpoint to prepare its epoch, and kept from its previous one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareCost {
+    pub loaded_bytes: u64,
+    pub loaded_expert_bytes: u64,
+    pub reused_bytes: u64,
 }
 
 /// A rank that had not answered a step when the watchdog fired.

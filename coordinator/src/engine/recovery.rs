@@ -18,18 +18,26 @@
 //!   (its health reports a prepared epoch); the epoch containing it ends at a step boundary and
 //!   its sequences migrate and it is asked to shut down. A fresh process under the same id
 //!   (health epoch 0: restarted, e.g. upgraded) may join again; the drain is answered once an
-//!   epoch without the drained process serves.
+//!   epoch without the drained process serves;
+//! - **joining spares** (elastic growth): while serving below `max_world_size`, a background
+//!   check probes the registered workers outside the plan; once T of them answer, the epoch ends
+//!   at a step boundary (sequences migrate, as for a drain) so that the next plan includes them.
+//!   Not done with holding disabled (the requests in flight would end UNAVAILABLE);
+//! - **group count**: a new epoch of another world size gets W/T group schedulers; the queued
+//!   sequences (all of them: running ones were requeued) are dealt out round-robin in order.
 //!
 //! Invariant: a request is never answered twice; held requests still see cancellation and
 //! deadlines (reaped while holding).
 
-use super::{Engine, LinkError};
+use super::{Engine, GroupSched, LinkError};
 use crate::engine::EngineError;
 use crate::engine::Event;
 use crate::engine::link::{connect, health};
 use crate::planner::Member;
 use fathom_proto::v1::worker_client::WorkerClient;
 use fathom_proto::v1::{ShutdownRequest, WorkerHealthResponse};
+use futures::FutureExt;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -216,5 +224,90 @@ impl Engine {
             }
         }
         self.drain_replies = left;
+    }
+
+    /// Between epochs: makes `d` group schedulers (no-op when unchanged). Every sequence is
+    /// waiting then; they are dealt out round-robin, keeping each queue's order (migrated
+    /// sequences, at the fronts, stay ahead).
+    pub(super) fn resize_groups(&mut self, d: usize) {
+        let d = d.max(1);
+        if d == self.groups.len() {
+            return;
+        }
+        let Some(first) = self.groups.first() else { return };
+        let limits = first.limits;
+        let mut queues = Vec::with_capacity(self.groups.len());
+        for g in &mut self.groups {
+            // Nothing runs between epochs (migrate requeued it); kept for safety.
+            let moved = g.requeue_running();
+            self.pending.fetch_add(moved, Ordering::SeqCst);
+            queues.push(std::mem::take(&mut g.waiting).into_iter());
+        }
+        let mut groups: Vec<_> =
+            (0..d).map(|_| GroupSched::new(limits, self.cfg.kv_blocks)).collect();
+        let mut next = 0;
+        loop {
+            let mut any = false;
+            for q in &mut queues {
+                if let Some(s) = q.next() {
+                    groups[next % d].waiting.push_back(s);
+                    next += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        tracing::info!(from = self.groups.len(), to = d, "attention groups resized");
+        self.groups = groups;
+    }
+
+    /// While serving: starts (every [`super::JOIN_POLL`]) a background check for registered
+    /// workers outside `plan` that answer their health check, and ends the epoch (`Err`, no
+    /// worker named) once at least T of them could join below `max_world_size`.
+    pub(super) fn spares_join(&mut self, plan: &[(String, String)]) -> Result<(), LinkError> {
+        let t = self.cfg.tp.max(1);
+        if plan.len() + t > self.cfg.max_world_size || self.cfg.migrate_timeout.is_zero() {
+            return Ok(());
+        }
+        if let Some(h) = self.join_check.as_mut() {
+            let Some(done) = h.now_or_never() else { return Ok(()) };
+            self.join_check = None;
+            let n = done.unwrap_or(0);
+            if n >= t {
+                return Err(LinkError {
+                    worker_id: String::new(),
+                    address: String::new(),
+                    reason: format!(
+                        "{n} spare worker(s) can join: the epoch ends at a step boundary to grow \
+                         the world of {} (max {})",
+                        plan.len(),
+                        self.cfg.max_world_size
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        if self.last_join_check.elapsed() < super::JOIN_POLL {
+            return Ok(());
+        }
+        self.last_join_check = Instant::now();
+        let directory = self.directory.clone();
+        let known: HashSet<String> = plan.iter().map(|(w, _)| w.clone()).collect();
+        let draining = self.draining.clone();
+        self.join_check = Some(tokio::spawn(async move {
+            let Ok(members) = directory.live_workers().await else { return 0 };
+            let spares = members.into_iter().filter(|m| !known.contains(&m.worker_id));
+            let answers = futures::future::join_all(spares.map(probe)).await;
+            answers
+                .into_iter()
+                .filter(|a| {
+                    a.as_ref()
+                        .is_ok_and(|(p, h)| !draining.contains(&p.member.worker_id) || h.epoch == 0)
+                })
+                .count()
+        }));
+        Ok(())
     }
 }

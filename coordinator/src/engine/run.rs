@@ -6,6 +6,14 @@
 //! sampled tokens. Any rank failure (or a drain) ends the epoch: its requests migrate to the
 //! next epoch formed from the live workers (`recovery.rs`), and stalled steps are reported by
 //! the watchdog (`watchdog.rs`).
+//!
+//! Elastic epochs (`crate::planner::choose_ranks`): the next epoch keeps every surviving rank's
+//! position, replaces lost ranks with spares, shrinks onto the survivors when no spare can and
+//! every expert is still covered, and grows by registered spares — while serving, a background
+//! check ([`JOIN_POLL`]) finds spares that answer their health check; once T of them can join
+//! below `max_world_size` the epoch ends at a step boundary (sequences migrate) and the next one
+//! includes them. The number of attention groups follows the world (queued sequences are
+//! redistributed).
 
 use super::detok::TextCodec;
 use super::link::{LinkError, WorkerLink};
@@ -15,7 +23,7 @@ use super::{
     StatusSnapshot, StepStats, Submission,
 };
 use crate::metrics::{CoordinatorMetrics, status};
-use crate::planner::{Member, PlanInputs, form_plan};
+use crate::planner::{Elastic, Member, PlanInputs, Previous, choose_ranks, plan_over};
 use crate::telemetry::{RequestTrace, step_span, trace_context};
 use crate::text::{IncrementalDecoder, SpecialTokenMode};
 use fathom_common::ModelConfig;
@@ -62,6 +70,8 @@ const RETRY: Duration = Duration::from_millis(300);
 const MAX_STAT_SAMPLES: usize = 200_000;
 /// How often a blocked engine (nothing runnable) re-checks cancellations and deadlines.
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How often a serving engine below its maximum world looks for spares that could join.
+const JOIN_POLL: Duration = Duration::from_millis(1000);
 
 /// Per-request state the engine attaches to a scheduler sequence.
 #[derive(Debug)]
@@ -107,6 +117,13 @@ struct Engine {
     drained_addrs: HashMap<String, String>,
     /// When the requests now waiting for a new epoch started waiting (the hold window).
     held_since: Option<Instant>,
+    /// Worker ids by rank of the epoch that served last (empty before the first).
+    serving_workers: Vec<String>,
+    /// What each rank of the serving epoch reported preparing it (by rank).
+    prepare_costs: HashMap<u32, super::PrepareCost>,
+    /// A running check for spares that could join (answers how many answered their probe).
+    join_check: Option<tokio::task::JoinHandle<usize>>,
+    last_join_check: Instant,
 }
 
 /// Starts the engine task. Returns the clients' handle and a receiver of the serving state
@@ -195,6 +212,10 @@ pub fn spawn_engine_with_metrics(
         drain_replies: Vec::new(),
         drained_addrs: HashMap::new(),
         held_since: None,
+        serving_workers: Vec::new(),
+        prepare_costs: HashMap::new(),
+        join_check: None,
+        last_join_check: Instant::now(),
     };
     tokio::spawn(engine.run());
     (handle, state_rx)
@@ -238,7 +259,10 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(epoch = self.epoch, "epoch failed: {e}");
                     // Before any request hears of the failure (publish_status below keeps it).
-                    self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
+                    // (An epoch ended for joining spares names no worker.)
+                    if !e.worker_id.is_empty() {
+                        self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
+                    }
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
                     self.migrate(&msg);
@@ -281,8 +305,21 @@ impl Engine {
             kv_blocks: self.cfg.kv_blocks,
             comm: self.cfg.comm.clone(),
         };
-        let mut plan = form_plan(&inputs, &members).map_err(|e| e.to_string())?;
-        self.experts.shape_plan(&mut plan)?;
+        let elastic = Elastic {
+            world_size: self.cfg.world_size,
+            tp: self.cfg.tp,
+            min_world: self.cfg.min_world_size,
+            max_world: self.cfg.max_world_size,
+        };
+        let active = self.experts.active_plan();
+        let prev = active
+            .as_ref()
+            .filter(|_| !self.serving_workers.is_empty())
+            .map(|plan| Previous { workers: &self.serving_workers, plan });
+        let (ranks, layout) = choose_ranks(&elastic, prev, &members).map_err(|e| e.to_string())?;
+        let mut plan = plan_over(&inputs, ranks).map_err(|e| e.to_string())?;
+        self.experts.shape_plan(&mut plan, &layout)?;
+        tracing::info!(epoch = plan.epoch, world = plan.world_size, ?layout, "plan formed");
         let mut links = Vec::new();
         for r in &plan.ranks {
             let i = probed
@@ -312,12 +349,34 @@ impl Engine {
         )
         .instrument(span.clone())
         .await;
-        if let Err(e) = prepared {
-            if plan.world_size > 1 {
-                self.burned_epoch = plan.epoch;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if plan.world_size > 1 {
+                    self.burned_epoch = plan.epoch;
+                }
+                return Err(e.to_string());
             }
-            return Err(e.to_string());
-        }
+        };
+        self.prepare_costs = prepared
+            .iter()
+            .map(|r| {
+                let cost = super::PrepareCost {
+                    loaded_bytes: r.loaded_bytes,
+                    loaded_expert_bytes: r.loaded_expert_bytes,
+                    reused_bytes: r.reused_bytes,
+                };
+                tracing::info!(
+                    epoch = plan.epoch,
+                    rank = r.rank,
+                    loaded_bytes = r.loaded_bytes,
+                    loaded_expert_bytes = r.loaded_expert_bytes,
+                    reused_bytes = r.reused_bytes,
+                    "rank prepared"
+                );
+                (r.rank, cost)
+            })
+            .collect();
         for l in &mut links {
             l.open_steps(CONNECT_TIMEOUT)
                 .instrument(span.clone())
@@ -327,6 +386,8 @@ impl Engine {
         self.epoch = plan.epoch;
         self.step_id = 0;
         self.experts.epoch_started();
+        self.serving_workers = plan.ranks.iter().map(|r| r.worker_id.clone()).collect();
+        self.resize_groups(plan.world_size as usize / self.cfg.tp.max(1));
         self.publish_status(&links, 0.0);
         Ok(links)
     }
@@ -338,6 +399,7 @@ impl Engine {
             links.iter().map(|l| (l.worker_id.clone(), l.address.clone())).collect();
         loop {
             self.control(&plan)?;
+            self.spares_join(&plan)?;
             let idle = self.groups.iter().all(|g| g.running.is_empty() && g.waiting.is_empty());
             if idle && !self.experts.wants_step() {
                 tokio::select! {
@@ -587,6 +649,9 @@ impl Engine {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let new_epoch = st.epoch != self.epoch;
         st.epoch = self.epoch;
+        if st.state != ServingState::Reconfiguring {
+            st.world_size = links.len() as u32;
+        }
         st.kv_blocks_used = self.groups.iter().map(|g| g.pool.used() as u32).sum();
         st.kv_blocks_total = self.groups.iter().map(|g| g.pool.total() as u32).sum();
         st.running = self.groups.iter().map(|g| g.running.len() as u32).sum();
@@ -636,6 +701,7 @@ impl Engine {
                     healthy: true,
                     last_seen: Instant::now(),
                     detail: String::new(),
+                    prepared: self.prepare_costs.get(&l.rank).copied().unwrap_or_default(),
                 })
                 .collect();
         } else {

@@ -331,10 +331,24 @@ impl Cluster {
     /// static list): `workers` worker processes `w0..`, a plan of `world` ranks (workers beyond
     /// it are spares), coordinator flags `extra`.
     pub fn start_registry(workers: usize, world: usize, extra: Vec<String>) -> Result<Self> {
+        Self::start_registry_with(workers, world, extra, "")
+    }
+
+    /// [`start_registry`](Self::start_registry) with `toml` appended to the cluster config
+    /// (e.g. a `[parallel]` section).
+    pub fn start_registry_with(
+        workers: usize,
+        world: usize,
+        extra: Vec<String>,
+        toml: &str,
+    ) -> Result<Self> {
         let model = tiny_model();
         let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
         let config = dir.path().join("cluster.toml");
-        std::fs::write(&config, "cluster = \"test\"\n[membership]\nlease_ttl_s = 2\n")?;
+        std::fs::write(
+            &config,
+            format!("cluster = \"test\"\n[membership]\nlease_ttl_s = 2\n{toml}"),
+        )?;
         let listen = format!("127.0.0.1:{}", port());
         let (coordinator, rx) = spawn_test_coordinator(&config, &model, &listen, world, &extra)?;
         let mut cluster = Cluster {
@@ -370,6 +384,16 @@ impl Cluster {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning fathom worker")
+    }
+
+    /// Starts one more worker (`w<n>`, a new address) in a
+    /// [`start_registry`](Self::start_registry) cluster; returns its index.
+    pub fn add_registry_worker(&mut self) -> Result<usize> {
+        let i = self.workers.len();
+        self.worker_addrs.push(format!("127.0.0.1:{}", port()));
+        let child = self.spawn_registry_worker(i, &self.addr.clone())?;
+        self.workers.push(child);
+        Ok(i)
     }
 
     /// Starts worker `i` of a [`start_registry`](Self::start_registry) cluster again.

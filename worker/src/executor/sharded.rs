@@ -3,7 +3,10 @@
 //!
 //! Owns: rebuilding the [`ParallelPlan`] from the wire [`Plan`] (the coordinator's expert
 //! placement, checked against the model), loading the shard through the mmap
-//! [`CheckpointReader`], the group's KV cache, and one forward per step.
+//! [`CheckpointReader`] — or, given the previous epoch's weights ([`HeldWeights`], elastic
+//! epochs), only the tensors whose slice changed ([`RankModel::reload`]) — the group's KV cache
+//! (always new), and one forward per step. It records what each preparation read and kept
+//! ([`PrepareCost`], per tensor name, so a later epoch knows which bytes it reuses).
 //! Does not own: joining the collectives (the service builds the world communicator from the
 //! rendezvous and splits the group one before calling the factory), sampling and result
 //! encoding (shared with the single-rank executor: `super::seq_results`).
@@ -13,7 +16,7 @@
 //! paired; only the group's rank 0 samples and returns results (the other ranks of the group
 //! hold identical logits and return nothing).
 
-use super::{EpochContext, ExecError, Executor, ExecutorFactory};
+use super::{EpochContext, ExecError, Executor, ExecutorFactory, HeldWeights, PrepareCost};
 use crate::kv::PagedKvCache;
 use crate::metrics::StepReport;
 use crate::parallel::{RankForwardOptions, RankModel};
@@ -23,6 +26,7 @@ use fathom_common::ids::{Epoch, Rank};
 use fathom_common::plan::{ParallelPlan, PlanSpec, Slot};
 use fathom_kernels::comm::Collective;
 use fathom_proto::v1::{Plan, SeqResult, StepRequest};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -74,6 +78,14 @@ pub fn parallel_plan(plan: &Plan, cfg: &ModelConfig) -> Result<ParallelPlan, Exe
 
 impl ExecutorFactory for ShardedFactory {
     fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError> {
+        self.prepare_with(ctx, None)
+    }
+
+    fn prepare_with(
+        &self,
+        ctx: EpochContext,
+        held: Option<HeldWeights>,
+    ) -> Result<Box<dyn Executor>, ExecError> {
         let EpochContext { plan, rank, world, group } = ctx;
         let (Some(world), Some(group)) = (world, group) else {
             return Err(ExecError::Comm(format!(
@@ -88,10 +100,42 @@ impl ExecutorFactory for ShardedFactory {
         // This rank's share of the checkpoint is not known up front: progress without a total.
         let progress = super::progress::ProgressSource::new(&reader, "loading weights", 0);
         let counting = crate::parallel::CountingSource::new(&progress);
-        let model = RankModel::load(cfg, &counting, &layout, rank as usize)
-            .map_err(|e| ExecError::Load(e.to_string()))?;
+        let held = held.filter(|h| h.model_path == plan.model_path && *h.model.config() == cfg);
+        let (model, kept) = match held {
+            Some(h) => {
+                let (model, report) = RankModel::reload(h.model, &counting, &layout, rank as usize)
+                    .map_err(|e| ExecError::Load(e.to_string()))?;
+                // Bytes kept: the previous tensors minus the experts dropped.
+                let mut kept = h.bytes;
+                let dropped: Vec<String> = report
+                    .dropped_experts
+                    .iter()
+                    .map(|(l, e)| format!("model.layers.{l}.mlp.experts.{e}."))
+                    .collect();
+                kept.retain(|name, _| !dropped.iter().any(|d| name.starts_with(d.as_str())));
+                (model, kept)
+            }
+            None => {
+                let model = RankModel::load(cfg, &counting, &layout, rank as usize)
+                    .map_err(|e| ExecError::Load(e.to_string()))?;
+                (model, BTreeMap::new())
+            }
+        };
         progress.finish();
-        let weight_bytes = counting.total_bytes();
+        let loaded = counting.bytes_by_tensor();
+        // A tensor loaded again (its slice changed) replaces its previous entry.
+        let reused = kept.iter().filter(|(n, _)| !loaded.contains_key(*n)).map(|(_, b)| b).sum();
+        let cost = PrepareCost::of(&loaded, reused);
+        let mut bytes = kept;
+        bytes.extend(loaded);
+        let weight_bytes = bytes.values().sum();
+        tracing::info!(
+            rank,
+            loaded_bytes = cost.loaded_bytes,
+            loaded_expert_bytes = cost.loaded_expert_bytes,
+            reused_bytes = cost.reused_bytes,
+            "shard prepared"
+        );
         let cache = model
             .new_cache(plan.kv_block_size as usize, plan.kv_blocks as usize)
             .map_err(|e| ExecError::Load(format!("KV cache: {e}")))?;
@@ -102,6 +146,9 @@ impl ExecutorFactory for ShardedFactory {
             world,
             group,
             weight_bytes,
+            cost,
+            bytes,
+            model_path: plan.model_path.clone(),
             report: StepReport::default(),
             carry: Default::default(),
             stager,
@@ -118,6 +165,10 @@ pub struct ShardedExecutor {
     world: Box<dyn Collective>,
     group: Box<dyn Collective>,
     weight_bytes: u64,
+    cost: PrepareCost,
+    /// Bytes held per checkpoint tensor (what a next epoch may keep).
+    bytes: BTreeMap<String, u64>,
+    model_path: String,
     report: StepReport,
     /// Routed experts of non-final prefill chunks (group rank 0 only).
     carry: super::routing::RoutingCarry,
@@ -164,6 +215,22 @@ impl Executor for ShardedExecutor {
         self.weight_bytes
     }
 
+    fn prepare_cost(&self) -> PrepareCost {
+        self.cost
+    }
+
+    fn into_weights(self: Box<Self>) -> Option<HeldWeights> {
+        // A live placement change applied while serving changed the experts held: the byte
+        // map follows the model's tables.
+        let mut bytes = self.bytes;
+        let model = self.model;
+        bytes.retain(|name, _| {
+            expert_of(name)
+                .is_none_or(|(l, e)| model.experts_held(l).is_some_and(|held| held.contains(&e)))
+        });
+        Some(HeldWeights { model_path: self.model_path, model, bytes })
+    }
+
     fn take_report(&mut self) -> StepReport {
         std::mem::take(&mut self.report)
     }
@@ -173,4 +240,13 @@ impl Executor for ShardedExecutor {
         (r.staged_placement_version, r.staging_error) = self.stager.poll();
         r
     }
+}
+
+/// `(layer, expert)` of a routed-expert tensor name (`model.layers.L.mlp.experts.E.*`).
+fn expert_of(name: &str) -> Option<(usize, u32)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest.strip_prefix("mlp.experts.")?;
+    let (expert, _) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, expert.parse().ok()?))
 }

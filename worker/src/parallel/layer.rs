@@ -69,6 +69,43 @@ impl RankLayer {
         })
     }
 
+    /// This block under a new plan (elastic epochs), keeping what is unchanged: norms, router and
+    /// shared expert always (replicated); the attention heads and dense FFN slice when
+    /// `same_slices` (same T and position in the group); every expert the new plan still places
+    /// on `rank`. Loads the rest from `src`. Returns the experts this rank no longer holds.
+    pub(super) fn reload(
+        self,
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        plan: &ParallelPlan,
+        rank: usize,
+        same_slices: bool,
+    ) -> Result<(Self, Vec<u32>), ParallelError> {
+        let Self { index, attn_norm, attn, ffn_norm, ffn, hidden, eps } = self;
+        let p = format!("model.layers.{index}");
+        let r = Rank(rank as u32);
+        let attn = if same_slices {
+            attn
+        } else {
+            Mla::load(src, cfg, &format!("{p}.self_attn"), plan.head_range(r))?
+        };
+        let mut dropped = Vec::new();
+        let ffn = match ffn {
+            RankFfn::Dense(mlp) if same_slices => RankFfn::Dense(mlp),
+            RankFfn::Dense(_) => {
+                let inner = cfg.intermediate_size;
+                let part = even_range(inner, plan.tp, plan.rank_in_group(r));
+                RankFfn::Dense(SwiGlu::load_split(src, &format!("{p}.mlp"), hidden, inner, part)?)
+            }
+            RankFfn::Moe(moe) => {
+                let (moe, gone) = moe.reload(src, cfg, plan, rank, index)?;
+                dropped = gone;
+                RankFfn::Moe(moe)
+            }
+        };
+        Ok((Self { index, attn_norm, attn, ffn_norm, ffn, hidden, eps }, dropped))
+    }
+
     /// Runs the block on `h` (`[n, hidden]`, updated in place; `n` may be 0). Returns, for a MoE
     /// layer with routing recorded, each token's experts ascending, and for a MoE layer its load
     /// counters.

@@ -8,7 +8,8 @@
 //! step of its group's sequences: TP all-reduces in the group, EP dispatch/combine over the world
 //! (`moe.rs`), vocab-parallel embedding and LM head. Also the greedy/sampled generation loop of
 //! one rank and the W-thread `LocalComm` runner (`generate.rs`), and a byte-counting
-//! [`TensorSource`] wrapper (`counting.rs`).
+//! [`TensorSource`] wrapper (`counting.rs`), and reloading a model for a new epoch's plan
+//! keeping every unchanged tensor (`reuse.rs`, elastic epochs).
 //! Does not own: the layer math (`crate::model`), the collectives (`fathom_kernels::comm`), the
 //! plan (`fathom_common::plan`), scheduling or block allocation (callers pass block tables).
 //!
@@ -42,11 +43,13 @@ mod generate;
 mod layer;
 mod moe;
 mod placement;
+mod reuse;
 mod table;
 
 pub use counting::CountingSource;
 pub use generate::{GenerateOutput, GenerateRequest, generate_on_rank, run_local};
 pub use placement::{StagedExperts, StepLoad, stage};
+pub use reuse::ReloadReport;
 pub use table::{ExpertTable, load_expert};
 
 use crate::kv::PagedKvCache;

@@ -112,6 +112,28 @@ impl EpMoe {
         })
     }
 
+    /// This layer under a new plan (elastic epochs): keeps the router, the shared expert and
+    /// every expert `plan` still places on `rank`, loads the experts it gains, frees the others
+    /// (returned, ascending).
+    pub(super) fn reload(
+        mut self,
+        src: &dyn TensorSource,
+        cfg: &ModelConfig,
+        plan: &ParallelPlan,
+        rank: usize,
+        layer: usize,
+    ) -> Result<(Self, Vec<u32>), ParallelError> {
+        let want: std::collections::BTreeSet<u32> =
+            plan.experts_on(layer, Rank(rank as u32)).into_iter().map(|(_, e)| e.0).collect();
+        let have = self.experts.ids();
+        for &e in want.difference(&have) {
+            self.experts.insert(e, super::table::load_expert(src, cfg, layer, e)?);
+        }
+        let dropped = have.difference(&want).copied().collect();
+        self.experts.retain(&want);
+        Ok((self, dropped))
+    }
+
     /// `x` `[n, hidden]` (the group's tokens, identical on the group's ranks) → `[n, hidden]`
     /// routed + shared output on every rank of the group.
     pub(super) fn forward(
