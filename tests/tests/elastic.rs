@@ -9,7 +9,8 @@
 //! - **Grow**: W = 2 with `parallel.max_world_size = 3`: a third worker started while streams
 //!   run joins at the next epoch boundary as rank 2 with redundant replicas of the hot experts;
 //!   streams in flight continue unchanged, the old ranks reload no expert, and the measured
-//!   max/mean per-rank expert load does not get worse.
+//!   max/mean per-rank expert load does not get worse (a checkpoint whose router favours experts
+//!   0..4, all on rank 0: it drops from 2 to about 1.5).
 //!
 //! Without enough redundancy the cluster waits for a replacement as before (`fault_recovery`,
 //! `fault_watchdog`; planner unit tests).
@@ -21,9 +22,25 @@ use fathom_proto::v1::admin_client::AdminClient;
 use fathom_proto::v1::{
     ClusterState, ClusterStatusResponse, ExpertLoadRequest, ExpertLoadResponse,
 };
-use std::sync::Arc;
+use fathom_worker::weights::{SynthOptions, synth_checkpoint};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+/// The tiny model with a router bias that sends every token to experts 0..4 of every MoE layer
+/// (all on rank 0 of two): hot experts whose replicas a new rank should take.
+fn skewed_model() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("fathom-skewed-").tempdir().unwrap();
+        let opts = SynthOptions { router_skew: 8.0, ..SynthOptions::default() };
+        synth_checkpoint(&fathom_common::ModelConfig::tiny(), &opts, dir.path()).expect("synth");
+        dir
+    })
+    .path()
+    .to_path_buf()
+}
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32).map(|i| (i * 31 + salt * 17 + 5) % 500).collect()
@@ -93,6 +110,7 @@ async fn kill9_without_spare_shrinks_onto_survivors_that_reload_no_expert() {
         4,
         vec!["--migrate-timeout-ms".into(), "60000".into()],
         "[parallel]\nredundant_slots_per_rank = 5\n",
+        cluster_support::tiny_model(),
     )
     .expect("cluster of 4");
     let s = c.status().await;
@@ -138,6 +156,7 @@ async fn a_worker_started_while_serving_joins_with_replicas_of_hot_experts() {
         2,
         vec!["--migrate-timeout-ms".into(), "60000".into()],
         "[parallel]\nmax_world_size = 3\n",
+        skewed_model(),
     )
     .expect("cluster of 2");
     let s = c.status().await;

@@ -331,18 +331,18 @@ impl Cluster {
     /// static list): `workers` worker processes `w0..`, a plan of `world` ranks (workers beyond
     /// it are spares), coordinator flags `extra`.
     pub fn start_registry(workers: usize, world: usize, extra: Vec<String>) -> Result<Self> {
-        Self::start_registry_with(workers, world, extra, "")
+        Self::start_registry_with(workers, world, extra, "", tiny_model())
     }
 
     /// [`start_registry`](Self::start_registry) with `toml` appended to the cluster config
-    /// (e.g. a `[parallel]` section).
+    /// (e.g. a `[parallel]` section), serving the checkpoint in `model`.
     pub fn start_registry_with(
         workers: usize,
         world: usize,
         extra: Vec<String>,
         toml: &str,
+        model: PathBuf,
     ) -> Result<Self> {
-        let model = tiny_model();
         let dir = tempfile::Builder::new().prefix("fathom-cluster-").tempdir()?;
         let config = dir.path().join("cluster.toml");
         std::fs::write(

@@ -1,7 +1,10 @@
 //! Expert-parallel MoE of one layer on one rank (ARCHITECTURE §2, EP-DISPATCH design B on the
 //! host): the group's tokens are split into T contiguous slices; this rank routes its slice,
 //! sends each token once to every rank that owns one of its experts (the replica chosen by
-//! [`ParallelPlan::replica_for`] from the token's index in the slice), the owners run grouped
+//! [`ParallelPlan::replica_for`] from a per-expert counter: the k-th token of this step's slice
+//! routed to expert `e` uses index `k + world rank + forwards so far`, so an expert's tokens
+//! alternate over its replicas within a step, across routing ranks and across steps — also
+//! when each rank routes one token per step), the owners run grouped
 //! expert GEMMs and send the unweighted outputs back, and the routing rank sums
 //! `weight · output` in fp32 in ascending expert order, adds the shared expert of its slice, and
 //! the group all-gathers the slices.
@@ -39,6 +42,8 @@ pub(super) struct EpMoe {
     hidden: usize,
     top_k: usize,
     n_experts: usize,
+    /// Forwards of this layer so far: rotates the replica choice from step to step.
+    forwards: std::sync::atomic::AtomicUsize,
 }
 
 /// The dispatch payload of one rank: `words` for the all-to-all, the word count per
@@ -109,6 +114,7 @@ impl EpMoe {
             hidden: h,
             top_k: cfg.num_experts_per_tok,
             n_experts: cfg.n_routed_experts,
+            forwards: Default::default(),
         })
     }
 
@@ -278,8 +284,16 @@ impl EpMoe {
         let h = self.hidden;
         let w = world.world_size();
         let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
+        // Which replica serves which token never changes an output bit (same weights, same
+        // GEMM numerics); only the load split does.
+        let start = world.rank() + self.forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nth = vec![0usize; self.n_experts];
         for (i, a) in assignments.iter().enumerate() {
-            let slot = plan.replica_for(layer, ExpertId(a.expert), a.token as usize)?;
+            let k = nth.get_mut(a.expert as usize).map_or(0, |k| {
+                *k += 1;
+                *k - 1
+            });
+            let slot = plan.replica_for(layer, ExpertId(a.expert), start + k)?;
             let d = slot.rank.0 as usize;
             match sent[d].last_mut() {
                 Some((tok, idx)) if *tok == a.token => idx.push(i),
