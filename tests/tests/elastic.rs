@@ -61,9 +61,9 @@ async fn start_streams(
     progress: &Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<Result<Timed, tonic::Status>>> {
     let mut tasks = Vec::new();
-    for p in prompts.iter().cloned() {
+    for p in prompts {
         let mut client = c.client().await.expect("client");
-        let progress = progress.clone();
+        let (p, progress) = (p.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
             generate_timed(&mut client, greedy_request(&p, tokens), progress).await
         }));
