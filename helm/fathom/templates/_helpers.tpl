@@ -141,6 +141,12 @@ redundant_slots_per_rank = {{ int $v.parallel.redundantSlotsPerRank }}
 {{- if ne (toString $v.parallel.redundantExperts) "" }}
 redundant_experts = {{ int $v.parallel.redundantExperts }}
 {{- end }}
+{{- if ne (toString $v.parallel.maxWorldSize) "" }}
+max_world_size = {{ int $v.parallel.maxWorldSize }}
+{{- end }}
+{{- if ne (toString $v.parallel.minWorldSize) "" }}
+min_world_size = {{ int $v.parallel.minWorldSize }}
+{{- end }}
 
 [parallel.pinned_replicas]
 {{- range $k, $n := $v.parallel.pinnedReplicas }}
