@@ -1,7 +1,8 @@
 //! Drain (issue 10, issue 5's Admin Drain): `fathom admin drain w0` during streaming on a cluster of
 //! three registered workers and a plan of two ranks: the epoch holding w0 ends at a step
-//! boundary, its sequences resume on a new epoch over w1 and the spare w2, no client sees an
-//! error and every stream equals an undisturbed run; w0 is asked to shut down and exits.
+//! boundary, its sequences resume on a new epoch over the spare w2 (in w0's rank) and w1, no
+//! client sees an error and every stream equals an undisturbed run; w0 is asked to shut down and
+//! exits.
 
 mod cluster_support;
 
@@ -57,7 +58,8 @@ async fn drain_during_streaming_no_client_error() {
     }
     let s = c.status().await;
     let ranks: Vec<&str> = s.workers.iter().map(|w| w.worker_id.as_str()).collect();
-    assert_eq!((s.epoch, ranks), (2, vec!["w1", "w2"]), "{s:?}");
+    // The spare takes the drained worker's rank; w1 keeps its own (and its weights).
+    assert_eq!((s.epoch, ranks), (2, vec!["w2", "w1"]), "{s:?}");
     // The drained worker was asked to leave.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
