@@ -174,7 +174,8 @@ pub struct StatusSnapshot {
     pub watchdog: Vec<WatchdogEntry>,
     /// Watchdog reports since start (a metric).
     pub watchdog_reports: u64,
-    /// Epochs that ended on a failure or drain, and the sequences migrated out of them.
+    /// Epochs that ended on a failure, drain or joining spares, and the sequences migrated out
+    /// of them.
     pub epochs_failed: u64,
     pub sequences_migrated: u64,
     /// Workers being drained.

@@ -256,13 +256,18 @@ impl Engine {
             self.drains_done(&plan);
             match self.serve(&mut links).await {
                 Ok(()) => return, // all handles dropped: shutting down
+                Err(e) if e.worker_id.is_empty() => {
+                    // Spares join: not a failure (sequences migrate as for a drain).
+                    tracing::info!(epoch = self.epoch, "epoch ends: {}", e.reason);
+                    let msg = format!("epoch {} ended: {}", self.epoch, e.reason);
+                    self.set_state(ServingState::Reconfiguring);
+                    self.migrate(&msg);
+                    self.publish_status(&links, 0.0);
+                }
                 Err(e) => {
                     tracing::warn!(epoch = self.epoch, "epoch failed: {e}");
                     // Before any request hears of the failure (publish_status below keeps it).
-                    // (An epoch ended for joining spares names no worker.)
-                    if !e.worker_id.is_empty() {
-                        self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
-                    }
+                    self.metrics.worker_up.with_label_values(&[e.worker_id.as_str()]).set(0);
                     let msg = format!("epoch {} failed: {e}", self.epoch);
                     self.set_state(ServingState::Reconfiguring);
                     self.migrate(&msg);
