@@ -23,7 +23,7 @@ impl CudaModel {
         k: usize,
     ) -> Result<CudaSlice<f32>, CudaModelError> {
         let mut y = self.dev.zeros::<f32>(m * n)?;
-        self.glue.gemm_f32(x, w, &mut y, m, n, k, 1.0)?;
+        self.blas.gemm_f32(x, w, &mut y, m, n, k, 1.0)?;
         Ok(y)
     }
 
@@ -77,15 +77,15 @@ impl CudaModel {
         let shape = RopeShape { tokens: n, heads: 1, head_dim: lat, offset: kl };
         ops.rope_f32(&mut ckv, &st.pos, freqs, shape, af, RopeLayout::Interleaved)?;
         g.scatter_rows_f32(&ckv, &mut cache.latent_f32[li], cache_rows, &st.row, n, lat)?;
-        let sel = self.select(a, li, &xf, &qrf, n, st, cache)?; // [n, topk] cache rows
+        let sel = self.select_f32(a, li, &xf, &qrf, n, st, cache)?; // [n, topk] cache rows
 
         let mut qa = dev.zeros::<f32>(n * nh * lat)?; // [n, nh, kv_lora + rope]
-        g.absorb_q_f32(&q, &a.kv_b, &mut qa, n, nh, (nope, rope, v, kl))?;
+        g.absorb_q_f32(&q, a.kv_b.f32()?, &mut qa, n, nh, (nope, rope, v, kl))?;
         let mut ol = dev.zeros::<f32>(n * nh * kl)?; // [n, nh, kv_lora]
         let dims = (kl, rope, topk, cache_rows);
         g.mla_sparse_f32(&qa, &cache.latent_f32[li], &sel, &mut ol, n, nh, dims, self.scale)?;
         let mut oh = dev.zeros::<f32>(n * nh * v)?; // [n, nh, v]
-        g.unabsorb_o_f32(&ol, &a.kv_b, &mut oh, n, nh, (nope, v, kl))?;
+        g.unabsorb_o_f32(&ol, a.kv_b.f32()?, &mut oh, n, nh, (nope, v, kl))?;
         let attn = self.mm_f32(&oh, a.o_proj.f32()?, n, hd, nh * v)?; // [n, hidden]
         g.add_f32_into(h, &attn, n * hd)?;
 

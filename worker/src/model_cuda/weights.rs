@@ -94,7 +94,7 @@ pub(crate) struct AttnW {
     pub q_b: Mat,                 // [heads·(nope+rope), q_lora]
     pub kv_a: Mat,                // [kv_lora + rope, hidden]
     pub kv_norm: CudaSlice<f32>,  // [kv_lora]
-    pub kv_b: CudaSlice<f32>,     // [heads·(nope+v), kv_lora]
+    pub kv_b: Mat,                // [heads·(nope+v), kv_lora]
     pub o_proj: Mat,              // [hidden, heads·v]
     pub idx_wq_b: CudaSlice<f32>, // [H_I·d, q_lora]
     pub idx_wk: CudaSlice<f32>,   // [d, hidden]
@@ -190,7 +190,7 @@ impl LayerW {
                 prec,
             )?,
             kv_norm: up_f32(dev, src, &format!("{a}.kv_a_layernorm.weight"), &[kl])?,
-            kv_b: up_f32(dev, src, &format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), kl])?,
+            kv_b: up_mat(dev, src, &format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), kl], prec)?,
             o_proj: up_mat(dev, src, &format!("{a}.o_proj.weight"), &[h, nh * v], prec)?,
             idx_wq_b: up_f32(dev, src, &format!("{a}.indexer.wq_b.weight"), &[ih * id, ql])?,
             idx_wk: up_f32(dev, src, &format!("{a}.indexer.wk.weight"), &[id, h])?,
@@ -316,7 +316,7 @@ impl RandomInit<'_> {
             q_b: self.mat(nh * (nope + rope), ql)?,
             kv_a: self.mat(kl + rope, h)?,
             kv_norm: self.f32(kl, 0.9, 1.1)?,
-            kv_b: self.lin_f32(nh * (nope + v), kl)?,
+            kv_b: self.mat(nh * (nope + v), kl)?,
             o_proj: self.mat(h, nh * v)?,
             idx_wq_b: self.lin_f32(ih * id, ql)?,
             idx_wk: self.lin_f32(id, h)?,
