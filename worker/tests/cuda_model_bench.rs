@@ -47,7 +47,8 @@ fn copy_bandwidth(dev: &CudaDevice) -> f64 {
 }
 
 /// Bytes one decode step of layer `li` must read from HBM in *this* model's storage (bf16 GEMM
-/// and kv_b weights; f32 q_a, indexer and router weights; bf16 latent and indexer-key cache):
+/// and kv_b weights; f32 q_a, indexer and router weights; bf16 latent; e4m3 indexer keys with one
+/// f32 scale each):
 /// all attention and indexer weights, the indexer keys of every context position, the selected
 /// latent rows, and the FFN weights touched (dense MLP, or the shared expert plus the expected
 /// number of distinct routed experts under uniform routing, 256·(1−(1−8/256)^B)).
@@ -64,7 +65,7 @@ fn floor_bytes(c: &ModelConfig, li: usize, b: usize, ctx: usize) -> f64 {
         + 2.0 * h * nh * v
         + 4.0 * (ih * id * ql + id * h + ih * h);
     let keys = (ctx + 1) as f64;
-    let cache = b as f64 * (keys * id * 2.0 + keys.min(c.index_topk as f64) * (kl + rope) * 2.0);
+    let cache = b as f64 * (keys * (id + 4.0) + keys.min(c.index_topk as f64) * (kl + rope) * 2.0);
     let ffn = if !c.is_moe_layer(li) {
         3.0 * h * c.intermediate_size as f64 * 2.0
     } else {

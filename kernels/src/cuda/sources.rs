@@ -85,6 +85,20 @@ pub const INDEXER: KernelSource = KernelSource {
     ],
 };
 
+/// The indexer's FP8 path: Hadamard rotation + ue8m0 e4m3 quantisation, e4m3 MMA scoring.
+pub const INDEXER_FP8: KernelSource = KernelSource {
+    name: "indexer_fp8",
+    code: include_str!("../../cuda/indexer_fp8.cu"),
+    kernels: &[
+        "indexer_rotate_quant_fp8",
+        "indexer_rotate_quant_fp8_rows",
+        "indexer_mma_fp8_rows_d128",
+        "indexer_mma_fp8_rows_d64",
+        "indexer_mma_fp8_rows_d32",
+        "indexer_mma_fp8_rows_d16",
+    ],
+};
+
 /// Sparse MLA decode (absorbed form, bf16 latent) and its split combine.
 pub const MLA: KernelSource = KernelSource {
     name: "mla",
@@ -100,4 +114,5 @@ pub const MOE: KernelSource = KernelSource {
 };
 
 /// Every source, in load order.
-pub const ALL: &[KernelSource] = &[NORM, QUANT, FILL, ELEMENTWISE, ROUTER, TOPK, INDEXER, MLA, MOE];
+pub const ALL: &[KernelSource] =
+    &[NORM, QUANT, FILL, ELEMENTWISE, ROUTER, TOPK, INDEXER, INDEXER_FP8, MLA, MOE];

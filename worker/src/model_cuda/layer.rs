@@ -105,10 +105,11 @@ impl CudaModel {
         self.top_rows(&scores, n, st, max_ctx)
     }
 
-    /// [`Self::select_f32`] with bf16 queries and keys (the [`Precision::Bf16`] forward): the
-    /// tensor-core scorer over the bf16 key cache, fp32 accumulation and weights.
+    /// [`Self::select_f32`] on the FP8 path (the [`Precision::Bf16`] forward): queries and the
+    /// new keys Hadamard-rotated and quantised to e4m3 (keys straight into the cache rows), then
+    /// the e4m3 tensor-core scorer over the slot cache, fp32 accumulation and weights.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn select_bf16(
+    pub(crate) fn select_fp8(
         &self,
         a: &AttnW,
         li: usize,
@@ -119,20 +120,22 @@ impl CudaModel {
         cache: &mut CudaKvCache,
     ) -> Result<CudaSlice<i32>, CudaModelError> {
         let c = &self.cfg;
-        let (dev, g) = (&self.dev, &self.glue);
+        let (dev, ops) = (&self.dev, self.dev.ops());
         let (ih, id, max_ctx) = (c.index_n_heads, c.index_head_dim, cache.max_ctx());
         let cache_rows = cache.slots() * max_ctx;
         let (iq, ik, iw) = self.indexer_qkw(a, xf, qrf, n, st)?;
-        let mut iqb = dev.zeros::<bf16>(n * ih * id)?; // [n, H_I, d] bf16
-        g.to_bf16(&iq, &mut iqb, n * ih * id)?;
-        let mut ikb = dev.zeros::<bf16>(n * id)?; // [n, d] bf16
-        g.to_bf16(&ik, &mut ikb, n * id)?;
-        g.scatter_rows(&ikb, id, &mut cache.index_bf16[li], id, cache_rows, &st.row, n, id)?;
+        let mut q8 = dev.zeros::<u8>(n * ih * id)?; // [n, H_I, d] e4m3
+        let mut sq = dev.zeros::<f32>(n * ih)?; // [n, H_I]
+        ops.indexer_rotate_quant_fp8(&iq, None, &mut q8, &mut sq, n * ih, id, n * ih)?;
+        let (k8, ks) = (&mut cache.index_fp8[li], &mut cache.index_scale[li]);
+        ops.indexer_rotate_quant_fp8(&ik, Some(&st.row), k8, ks, n, id, cache_rows)?;
         let mut scores = dev.zeros::<f32>(n * max_ctx)?; // [n, max_ctx]
-        dev.ops().indexer_scores_bf16_rows(
-            &iqb,
+        ops.indexer_scores_fp8_rows(
+            &q8,
+            &sq,
             &iw,
-            &cache.index_bf16[li],
+            &cache.index_fp8[li],
+            &cache.index_scale[li],
             cache_rows,
             &st.base,
             &st.len,
@@ -243,7 +246,7 @@ impl CudaModel {
 
         // Cache the latent, then select (the indexer writes its keys first).
         g.scatter_rows(&ckv, lat, &mut cache.latent[li], lat, cache_rows, &st.row, n, lat)?;
-        let sel = self.select_bf16(a, li, &xf, &qrf, n, st, cache)?;
+        let sel = self.select_fp8(a, li, &xf, &qrf, n, st, cache)?;
 
         // Absorbed sparse attention → [n, nh_pad, kv_lora] → per-head [n, nh, v] → o_proj.
         let kv_b = a.kv_b.bf16()?; // [nh·(nope + v), kv_lora]: per head W_UK [nope, kl], W_UV [v, kl]

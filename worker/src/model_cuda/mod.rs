@@ -13,8 +13,9 @@
 //! router decisions agree. Under `Bf16` (what fits a real checkpoint) the residual stream is f32
 //! on the device; GEMM weights and activations between ops are bf16 (cuBLAS, fp32
 //! accumulation); norms, the q-LoRA down projection, router logits,
-//! and the indexer's projections run in fp32 (cuBLAS SGEMM); the indexer's queries and keys are
-//! stored bf16 and scored on tensor cores (`indexer_scores_bf16_rows`, fp32 accumulation); the
+//! and the indexer's projections run in fp32 (cuBLAS SGEMM); the indexer then takes the FP8
+//! path of spec §2.3 (Hadamard rotation, e4m3 with ue8m0 scales, e4m3 tensor-core scoring with
+//! fp32 accumulation: `indexer_rotate_quant_fp8`, `indexer_scores_fp8_rows`); the
 //! MLA absorption and un-absorption are bf16 strided-batched GEMMs over the heads (`kv_b_proj`
 //! in bf16). Attention is the absorbed sparse form for every row
 //! (prefill too): each query row gets its own `index_topk` selection (all causal keys when the
@@ -96,14 +97,17 @@ pub struct CudaSeqInput<'a> {
 }
 
 /// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` and indexer keys
-/// `[slots·max_ctx, index_head_dim]`, bf16 under [`Precision::Bf16`] (`latent`, `index_bf16`),
-/// f32 under [`Precision::F32`] (`latent_f32`, `index`); the other pair is empty.
+/// `[slots·max_ctx, index_head_dim]`. Under [`Precision::Bf16`] the latent is bf16 (`latent`) and
+/// the keys are the FP8 path's Hadamard-rotated e4m3 codes with one ue8m0 scale per key
+/// (`index_fp8`, `index_scale`: 132 B per key at d = 128, as DeepSeek's inference stores them);
+/// under [`Precision::F32`] both are f32 (`latent_f32`, `index`). The other set is empty.
 #[derive(Debug)]
 pub struct CudaKvCache {
     pub(crate) latent: Vec<CudaSlice<bf16>>,
     pub(crate) latent_f32: Vec<CudaSlice<f32>>,
     pub(crate) index: Vec<CudaSlice<f32>>,
-    pub(crate) index_bf16: Vec<CudaSlice<bf16>>,
+    pub(crate) index_fp8: Vec<CudaSlice<u8>>,
+    pub(crate) index_scale: Vec<CudaSlice<f32>>,
     slots: usize,
     max_ctx: usize,
 }
@@ -226,12 +230,13 @@ impl CudaModel {
         let lat = c.kv_lora_rank + c.qk_rope_head_dim;
         let id = c.index_head_dim;
         let (mut latent, mut latent_f32) = (Vec::new(), Vec::new());
-        let (mut index, mut index_bf16) = (Vec::new(), Vec::new());
+        let (mut index, mut index_fp8, mut index_scale) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..c.num_hidden_layers {
             match self.precision {
                 Precision::Bf16 => {
                     latent.push(self.dev.zeros::<bf16>(rows * lat)?);
-                    index_bf16.push(self.dev.zeros::<bf16>(rows * id)?);
+                    index_fp8.push(self.dev.zeros::<u8>(rows * id)?);
+                    index_scale.push(self.dev.zeros::<f32>(rows)?);
                 }
                 Precision::F32 => {
                     latent_f32.push(self.dev.zeros::<f32>(rows * lat)?);
@@ -239,12 +244,14 @@ impl CudaModel {
                 }
             }
         }
-        Ok(CudaKvCache { latent, latent_f32, index, index_bf16, slots, max_ctx })
+        Ok(CudaKvCache { latent, latent_f32, index, index_fp8, index_scale, slots, max_ctx })
     }
 
     fn validate(&self, seqs: &[CudaSeqInput], cache: &CudaKvCache) -> Result<(), CudaModelError> {
         let (latents, keys) = match self.precision {
-            Precision::Bf16 => (cache.latent.len(), cache.index_bf16.len()),
+            Precision::Bf16 => {
+                (cache.latent.len(), cache.index_fp8.len().min(cache.index_scale.len()))
+            }
             Precision::F32 => (cache.latent_f32.len(), cache.index.len()),
         };
         if latents != self.cfg.num_hidden_layers || keys != latents {
@@ -432,8 +439,11 @@ impl CudaModel {
         for (l, idx) in cache.index.iter_mut().enumerate() {
             ops.fill_uniform_f32(idx, seed.wrapping_add(2 * l as u32 + 1), -1.0, 1.0)?;
         }
-        for (l, idx) in cache.index_bf16.iter_mut().enumerate() {
-            ops.fill_uniform_bf16(idx, seed.wrapping_add(2 * l as u32 + 1), 1.0)?;
+        for (l, idx) in cache.index_fp8.iter_mut().enumerate() {
+            ops.fill_uniform_e4m3(idx, seed.wrapping_add(2 * l as u32 + 1), 448.0)?;
+        }
+        for (l, sc) in cache.index_scale.iter_mut().enumerate() {
+            ops.fill_uniform_f32(sc, seed.wrapping_add(2 * l as u32 + 1), 0.01, 0.02)?;
         }
         Ok(self.dev.synchronize()?)
     }
