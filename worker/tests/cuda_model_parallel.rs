@@ -28,7 +28,7 @@ use fathom_common::ids::Epoch;
 use fathom_common::plan::{ParallelPlan, PlanSpec};
 use fathom_kernels::Tensor;
 use fathom_kernels::comm::{CommOptions, LocalComm, NcclComm};
-use fathom_kernels::cuda::{CudaDevice, CudaError, DeviceOptions};
+use fathom_kernels::cuda::{CudaDevice, CudaError, DeviceOptions, KernelCache};
 use fathom_worker::model::{ForwardOptions, LogitsMode};
 use fathom_worker::model_cuda::rank::CudaRankModel;
 use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, Precision};
@@ -182,6 +182,12 @@ fn last_logits() -> ForwardOptions {
     ForwardOptions { logits: LogitsMode::LastPerSeq, ..Default::default() }
 }
 
+/// Compiled glue kernels shared by every model load of the run (the cache renames files into
+/// place, so concurrent ranks are safe).
+fn kernels() -> KernelCache {
+    KernelCache::new(std::env::temp_dir().join("fathom-cuda-model-parallel-kernels"))
+}
+
 fn max_ctx(cfg: &ModelConfig) -> usize {
     64.max(cfg.index_topk)
 }
@@ -194,7 +200,8 @@ fn one_gpu(
     prec: Precision,
     seqs: &[(Vec<u32>, usize)],
 ) -> Generated {
-    let model = CudaModel::load_with(dev.clone(), src, cfg.clone(), None, prec).unwrap();
+    let kc = kernels();
+    let model = CudaModel::load_with(dev.clone(), src, cfg.clone(), Some(&kc), prec).unwrap();
     let mut cache = model.new_cache(seqs.len(), max_ctx(cfg)).unwrap();
     let steps = seqs.iter().map(|s| s.1).max().unwrap();
     generate(seqs, steps, cfg.vocab_size, |b| {
@@ -243,8 +250,10 @@ fn sharded(
                         ),
                     };
                     let mut group = world.split(&plan.groups()).unwrap().unwrap();
-                    let model = CudaRankModel::load(dev, src, cfg.clone(), plan, rank, None, prec)
-                        .unwrap_or_else(|e| panic!("rank {rank}: loading: {e}"));
+                    let kc = kernels();
+                    let model =
+                        CudaRankModel::load(dev, src, cfg.clone(), plan, rank, Some(&kc), prec)
+                            .unwrap_or_else(|e| panic!("rank {rank}: loading: {e}"));
                     let g = model.group();
                     let mine: Vec<(Vec<u32>, usize)> =
                         (0..seqs.len()).filter(|i| i % d == g).map(|i| seqs[i].clone()).collect();
@@ -435,4 +444,25 @@ fn nccl_world_gives_the_local_world_bits() {
         }
     }
     assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
+/// Runs here without a GPU: the 64-expert synthetic checkpoint the GPU tests use is valid, both
+/// layouts build for it, and each rank of them loads its CPU shard (the same layout the GPU
+/// rank loads: heads, FFN part, experts by placement) holding every expert exactly once.
+#[test]
+fn synthetic_checkpoint_shards_over_two_ranks() {
+    let (_dir, cfg, reader) = synthetic(SynthDtype::F32);
+    assert_eq!(cfg.n_routed_experts, 64);
+    for (w, t) in LAYOUTS {
+        let plan = ParallelPlan::build(&PlanSpec::new(Epoch(1), w, t), &cfg).unwrap();
+        let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).unwrap();
+        let mut held: Vec<u32> = Vec::new();
+        for rank in 0..w {
+            let m = fathom_worker::parallel::RankModel::load(cfg.clone(), &reader, &plan, rank)
+                .unwrap_or_else(|e| panic!("W={w} T={t} rank {rank}: {e}"));
+            held.extend(m.experts_held(layer).unwrap());
+        }
+        held.sort_unstable();
+        assert_eq!(held, (0..64).collect::<Vec<u32>>(), "W={w} T={t}");
+    }
 }
