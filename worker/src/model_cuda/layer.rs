@@ -11,6 +11,7 @@ use fathom_kernels::cuda::{
 };
 use half::bf16;
 
+use super::seams::{FfnInput, OneGpu, Seams};
 use super::weights::{AttnW, FfnW, LayerW, MlpW};
 use super::{CudaKvCache, CudaModel, CudaModelError};
 
@@ -64,7 +65,7 @@ impl CudaModel {
         Ok(y)
     }
 
-    fn mlp(
+    pub(crate) fn mlp(
         &self,
         w: &MlpW,
         x: &CudaSlice<bf16>,
@@ -200,6 +201,21 @@ impl CudaModel {
         st: &DeviceStep,
         cache: &mut CudaKvCache,
     ) -> Result<(), CudaModelError> {
+        self.layer_forward_with(lw, li, h, n, st, cache, &mut OneGpu)
+    }
+
+    /// [`Self::layer_forward`] with the sharded seams of a rank (`seams.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_forward_with(
+        &self,
+        lw: &LayerW,
+        li: usize,
+        h: &mut CudaSlice<f32>,
+        n: usize,
+        st: &DeviceStep,
+        cache: &mut CudaKvCache,
+        seams: &mut dyn Seams,
+    ) -> Result<(), CudaModelError> {
         let c = &self.cfg;
         let (dev, ops, g) = (&self.dev, self.dev.ops(), &self.glue);
         let hd = c.hidden_size;
@@ -301,14 +317,17 @@ impl CudaModel {
         };
         self.blas.gemm_bf16_strided_batched(&unabsorb, &kv_b.slice(nope * kl..), &ol, &mut oh)?;
         let attn = self.mm(&oh, a.o_proj.bf16()?, n, hd, nh * v)?; // [n, hidden]
-        g.add_into(h, &attn, n * hd)?;
+        seams.add_reduced_bf16(self, h, &attn, n)?;
 
         // ---- FFN
         g.rmsnorm_f32_rows(h, &lw.ffn_norm, &mut xb, &mut xf, n, hd, eps)?;
         match &lw.ffn {
             FfnW::Dense(w) => {
                 let f = self.mlp(w, &xb, n)?;
-                g.add_into(h, &f, n * hd)?;
+                seams.add_reduced_bf16(self, h, &f, n)?;
+            }
+            FfnW::Ep(w) => {
+                seams.expert_parallel(self, li, w, FfnInput { xb: &xb, xf: &xf }, h, n)?
             }
             FfnW::Moe { gate, bias, w13, w2, inner, shared } => {
                 let (e, k) = (self.router.n_experts, self.router.top_k);

@@ -9,6 +9,7 @@ use fathom_kernels::cuda::{RopeLayout, RopeShape};
 use half::bf16;
 
 use super::layer::DeviceStep;
+use super::seams::{FfnInput, OneGpu, Seams};
 use super::weights::{FfnW, LayerW, MlpW};
 use super::{CudaKvCache, CudaModel, CudaModelError};
 
@@ -27,7 +28,7 @@ impl CudaModel {
         Ok(y)
     }
 
-    fn mlp_f32(
+    pub(crate) fn mlp_f32(
         &self,
         w: &MlpW,
         x: &CudaSlice<f32>,
@@ -48,6 +49,21 @@ impl CudaModel {
         n: usize,
         st: &DeviceStep,
         cache: &mut CudaKvCache,
+    ) -> Result<(), CudaModelError> {
+        self.layer_forward_f32_with(lw, li, h, n, st, cache, &mut OneGpu)
+    }
+
+    /// [`Self::layer_forward_f32`] with the sharded seams of a rank (`seams.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_forward_f32_with(
+        &self,
+        lw: &LayerW,
+        li: usize,
+        h: &mut CudaSlice<f32>,
+        n: usize,
+        st: &DeviceStep,
+        cache: &mut CudaKvCache,
+        seams: &mut dyn Seams,
     ) -> Result<(), CudaModelError> {
         let c = &self.cfg;
         let (dev, ops, g) = (&self.dev, self.dev.ops(), &self.glue);
@@ -87,14 +103,17 @@ impl CudaModel {
         let mut oh = dev.zeros::<f32>(n * nh * v)?; // [n, nh, v]
         g.unabsorb_o_f32(&ol, a.kv_b.f32()?, &mut oh, n, nh, (nope, v, kl))?;
         let attn = self.mm_f32(&oh, a.o_proj.f32()?, n, hd, nh * v)?; // [n, hidden]
-        g.add_f32_into(h, &attn, n * hd)?;
+        seams.add_reduced_f32(self, h, &attn, n)?;
 
         // ---- FFN
         g.rmsnorm_f32_rows(h, &lw.ffn_norm, &mut xb, &mut xf, n, hd, eps)?;
         match &lw.ffn {
             FfnW::Dense(w) => {
                 let f = self.mlp_f32(w, &xf, n)?;
-                g.add_f32_into(h, &f, n * hd)?;
+                seams.add_reduced_f32(self, h, &f, n)?;
+            }
+            FfnW::Ep(w) => {
+                seams.expert_parallel(self, li, w, FfnInput { xb: &xb, xf: &xf }, h, n)?
             }
             FfnW::Moe { gate, bias, w13, w2, inner, shared } => {
                 let (e, k) = (self.router.n_experts, self.router.top_k);

@@ -5,7 +5,8 @@
 //! cache ([`CudaKvCache`]: per layer a bf16 latent `[c | k_pe]` and an f32 indexer-key buffer,
 //! one contiguous region of `max_ctx` rows per sequence slot), and the batched forward
 //! ([`CudaModel::forward`], mirroring `Model::forward`: prefill chunks and decodes mix freely).
-//! Does not own: sampling, slot allocation (callers pick slots), multi-GPU layouts, MTP.
+//! Does not own: sampling, slot allocation (callers pick slots), MTP; the sharded forward of one
+//! rank (W > 1) is `rank.rs` (it reuses these layers through the `seams.rs` hooks).
 //!
 //! Numerics ([`Precision`]): under `F32` (an f32 checkpoint at its own precision, what the golden
 //! test runs) every weight, activation, cache entry and op is fp32 (`layer_f32.rs`): the GPU
@@ -32,6 +33,11 @@ pub mod executor;
 mod glue;
 mod layer;
 mod layer_f32;
+pub mod rank;
+mod rank_moe;
+mod rank_weights;
+mod seams;
+pub mod sharded;
 mod weights;
 
 use fathom_common::{ConfigError, ModelConfig};
@@ -86,6 +92,8 @@ pub enum CudaModelError {
     BadTokens { count: i32 },
     #[error("a weight was loaded at another precision than the {want:?} forward needs")]
     Precision { want: Precision },
+    #[error(transparent)]
+    Parallel(#[from] crate::parallel::ParallelError),
 }
 
 /// One sequence's part of a step: new `tokens` at positions `start_pos ..`, in cache slot `slot`.

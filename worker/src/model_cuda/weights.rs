@@ -3,7 +3,8 @@
 //! (cuBLAS) under [`Precision::Bf16`] and f32 under [`Precision::F32`]; norm weights, the router
 //! (`mlp.gate`), `q_a_proj` and the whole indexer (its discrete top-k must follow the f32
 //! reference) and `kv_b_proj` (used by the absorption kernels in fp32) are f32 in both.
-//! One rank holds everything (W = 1).
+//! [`LayerW::load`] holds everything (W = 1); a rank's shard is loaded by `rank_weights.rs`
+//! into the same types.
 
 use fathom_common::ModelConfig;
 use fathom_kernels::cuda::CudaDevice;
@@ -35,7 +36,7 @@ pub(crate) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
-fn up_f32(
+pub(crate) fn up_f32(
     dev: &CudaDevice,
     src: &dyn TensorSource,
     name: &str,
@@ -69,14 +70,18 @@ impl Mat {
     }
 }
 
-fn up_mat_host(dev: &CudaDevice, v: Vec<f32>, prec: Precision) -> Result<Mat, CudaModelError> {
+pub(crate) fn up_mat_host(
+    dev: &CudaDevice,
+    v: Vec<f32>,
+    prec: Precision,
+) -> Result<Mat, CudaModelError> {
     Ok(match prec {
         Precision::Bf16 => Mat::Bf16(dev.upload(&to_bf16(&v))?),
         Precision::F32 => Mat::F32(dev.upload(&v)?),
     })
 }
 
-fn up_mat(
+pub(crate) fn up_mat(
     dev: &CudaDevice,
     src: &dyn TensorSource,
     name: &str,
@@ -124,6 +129,9 @@ pub(crate) enum FfnW {
         inner: usize,
         shared: Option<MlpW>,
     },
+    /// A MoE layer of a sharded rank: the router, this rank's routed experts and the shared
+    /// expert (`rank_moe.rs`), run through the expert-parallel seam.
+    Ep(Box<super::rank_moe::EpW>),
 }
 
 #[derive(Debug)]
@@ -134,7 +142,7 @@ pub(crate) struct LayerW {
     pub ffn: FfnW,
 }
 
-fn gate_up_host(
+pub(crate) fn gate_up_host(
     src: &dyn TensorSource,
     prefix: &str,
     hidden: usize,
