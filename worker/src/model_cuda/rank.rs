@@ -118,6 +118,7 @@ impl CudaRankModel {
             head,
             layers,
             router,
+            grouped_experts: true,
             cfg: local_cfg,
             dev,
         };
@@ -298,7 +299,7 @@ impl CudaRankModel {
                     m.blas.gemm_bf16(&xb, w, &mut lb, n, vl, hd)?;
                     m.glue.to_f32(&lb, &mut lf, n * vl)?;
                 }
-                Mat::F32(w) => m.glue.gemm_f32(&xf, w, &mut lf, n, vl, hd, 1.0)?,
+                Mat::F32(w) => m.blas.gemm_f32(&xf, w, &mut lf, n, vl, hd, 1.0)?,
             }
             let all = dev.download(&lf)?;
             let mut local = Vec::with_capacity(out.logit_rows.len() * vl);

@@ -75,7 +75,7 @@ fn route_slice(
     let (dev, hd) = (&m.dev, m.cfg.hidden_size);
     let (e, k) = (m.router.n_experts, m.router.top_k);
     let mut logits = dev.zeros::<f32>(n * e)?; // [n, E] f32, as the one-GPU router
-    m.glue.gemm_f32(x.xf, &w.gate, &mut logits, n, e, hd, 1.0)?;
+    m.blas.gemm_f32(x.xf, &w.gate, &mut logits, n, e, hd, 1.0)?;
     let mut ids = dev.zeros::<i32>(n * k)?; // [n, top_k]
     let mut wts = dev.zeros::<f32>(n * k)?;
     dev.ops().router_select(&logits, &w.bias, &mut ids, &mut wts, n, &m.router)?;
@@ -143,6 +143,7 @@ fn compute_received(
             let xa = dev.upload(&xb)?;
             let shape = MoeShape { tokens: a, top_k: 1, n_experts: held, dim: hd, inter: inner };
             let mut scratch = MoeScratch::new(dev, a, &shape)?;
+            scratch.grouped = m.grouped_experts;
             let mut out = dev.zeros::<bf16>(a * hd)?; // [A, hidden]
             let (w13, w2) = (w13.bf16()?, w2.bf16()?);
             moe_experts_bf16(

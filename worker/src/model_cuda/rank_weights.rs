@@ -111,7 +111,7 @@ pub(crate) fn load_layer(
         q_b: up_mat_host(dev, q_b, prec)?,
         kv_a: up_mat(dev, src, &format!("{a}.kv_a_proj_with_mqa.weight"), &[kl + rope, h], prec)?,
         kv_norm: up_f32(dev, src, &format!("{a}.kv_a_layernorm.weight"), &[kl])?,
-        kv_b: dev.upload(&kv_b)?,
+        kv_b: up_mat_host(dev, kv_b, prec)?,
         o_proj: up_mat_host(dev, o_proj, prec)?,
         idx_wq_b: up_f32(dev, src, &format!("{a}.indexer.wq_b.weight"), &[ih * id, ql])?,
         idx_wk: up_f32(dev, src, &format!("{a}.indexer.wk.weight"), &[id, h])?,
