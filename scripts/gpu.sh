@@ -112,6 +112,16 @@ if [ "$what" = cli ] || [ "$what" = all ]; then
       if [ "$mode" = "--temperature 0" ] && [ "$gpu" != "$want" ]; then echo "FAIL: generate $name: cuda greedy ids differ from golden"; fail=1; fi
     done
   done
+  # RL rollout output: routed experts of every fed row, GPU == CPU (greedy, JSON).
+  for c in "$FATHOM_GOLDEN_DIR"/*/; do
+    name=$(basename "$c")
+    prompt=$(python3 -c 'import json,sys; print(",".join(map(str,json.load(open(sys.argv[1]))["prompt_ids"])))' "$c/golden.json")
+    cpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 8 --ignore-eos --json --return-routed-experts --device cpu 2>>"$OUT/cli.log")
+    gpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 8 --ignore-eos --json --return-routed-experts --device cuda 2>>"$OUT/cli.log"); rc=$?
+    if [ "$rc" != 0 ] || [ -z "$gpu" ] || [ "$cpu" != "$gpu" ] || ! grep -q routed_experts <<<"$gpu"; then
+      echo "FAIL: generate $name --return-routed-experts: cuda differs from cpu"; echo "cpu=$cpu gpu=$gpu" >> "$OUT/cli.log"; fail=1
+    else echo "generate $name --return-routed-experts: cuda == cpu"; fi
+  done
   # A served cluster on GPUs: fathom up with 2 workers (worker i on cuda:i), W=2 with T=1 and
   # T=2, must stream the tokens of the same cluster on CPUs.
   if [ "$gpus" -ge 2 ]; then

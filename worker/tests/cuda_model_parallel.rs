@@ -29,7 +29,7 @@ use fathom_common::plan::{ParallelPlan, PlanSpec};
 use fathom_kernels::Tensor;
 use fathom_kernels::comm::{CommOptions, LocalComm, NcclComm};
 use fathom_kernels::cuda::{CudaDevice, CudaError, DeviceOptions, KernelCache};
-use fathom_worker::model::{ForwardOptions, LogitsMode};
+use fathom_worker::model::{ForwardOptions, ForwardOutput, LogitsMode};
 use fathom_worker::model_cuda::rank::CudaRankModel;
 use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, Precision};
 use fathom_worker::weights::synth::{SynthDtype, SynthOptions, synth_checkpoint};
@@ -133,11 +133,13 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Greedy tokens and the logits row of every generated token, per sequence.
+/// Greedy tokens and the logits row of every generated token, per sequence; and the routed
+/// experts (per fed row, per MoE layer, ascending) of every row the sequence fed.
 #[derive(Debug, Clone, Default)]
 struct Generated {
     tokens: Vec<Vec<u32>>,
     logits: Vec<Vec<Vec<f32>>>,
+    routed: Vec<Vec<Vec<Vec<u32>>>>,
 }
 
 /// Greedy generation of `seqs` (prompt, budget) as one batch per step, sequence `i` in cache
@@ -148,10 +150,14 @@ fn generate(
     seqs: &[(Vec<u32>, usize)],
     steps: usize,
     vocab: usize,
-    mut forward: impl FnMut(&[CudaSeqInput]) -> Vec<f32>,
+    mut forward: impl FnMut(&[CudaSeqInput]) -> ForwardOutput,
 ) -> Generated {
-    let mut g =
-        Generated { tokens: vec![Vec::new(); seqs.len()], logits: vec![Vec::new(); seqs.len()] };
+    let n = seqs.len();
+    let mut g = Generated {
+        tokens: vec![Vec::new(); n],
+        logits: vec![Vec::new(); n],
+        routed: vec![Vec::new(); n],
+    };
     for step in 0..steps {
         let live: Vec<usize> = (0..seqs.len()).filter(|&i| g.tokens[i].len() < seqs[i].1).collect();
         let batch: Vec<CudaSeqInput> = live
@@ -167,8 +173,15 @@ fn generate(
                 }
             })
             .collect();
-        let logits = forward(&batch);
+        let out = forward(&batch);
+        let logits = out.logits;
         assert_eq!(logits.len(), live.len() * vocab, "logits of step {step}");
+        let rows: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        assert_eq!(out.routed_experts.len(), rows, "routed rows of step {step}");
+        let mut routed = out.routed_experts.into_iter();
+        for (b, &i) in live.iter().enumerate() {
+            g.routed[i].extend(routed.by_ref().take(batch[b].tokens.len()));
+        }
         for (b, &i) in live.iter().enumerate() {
             let row = logits[b * vocab..(b + 1) * vocab].to_vec();
             g.tokens[i].push(argmax(&row) as u32);
@@ -178,8 +191,9 @@ fn generate(
     g
 }
 
+/// Last-row logits, and the routed experts of every row (RL rollouts' output).
 fn last_logits() -> ForwardOptions {
-    ForwardOptions { logits: LogitsMode::LastPerSeq, ..Default::default() }
+    ForwardOptions { logits: LogitsMode::LastPerSeq, record_routing: true, ..Default::default() }
 }
 
 /// Compiled glue kernels shared by every model load of the run (the cache renames files into
@@ -204,9 +218,7 @@ fn one_gpu(
     let model = CudaModel::load_with(dev.clone(), src, cfg.clone(), Some(&kc), prec).unwrap();
     let mut cache = model.new_cache(seqs.len(), max_ctx(cfg)).unwrap();
     let steps = seqs.iter().map(|s| s.1).max().unwrap();
-    generate(seqs, steps, cfg.vocab_size, |b| {
-        model.forward(b, &mut cache, &last_logits()).unwrap().logits
-    })
+    generate(seqs, steps, cfg.vocab_size, |b| model.forward(b, &mut cache, &last_logits()).unwrap())
 }
 
 /// Which world the ranks use.
@@ -262,7 +274,6 @@ fn sharded(
                         model
                             .forward(b, &mut cache, world.as_mut(), group.as_mut(), &last_logits())
                             .unwrap_or_else(|e| panic!("rank {rank}: forward: {e}"))
-                            .logits
                     });
                     (g, out)
                 })
@@ -270,8 +281,11 @@ fn sharded(
             .collect();
         handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
     });
-    let mut all =
-        Generated { tokens: vec![Vec::new(); seqs.len()], logits: vec![Vec::new(); seqs.len()] };
+    let mut all = Generated {
+        tokens: vec![Vec::new(); seqs.len()],
+        logits: vec![Vec::new(); seqs.len()],
+        routed: vec![Vec::new(); seqs.len()],
+    };
     for (rank, (g, out)) in per_rank.iter().enumerate() {
         let first = &per_rank[g * t].1;
         assert_eq!(out.logits, first.logits, "rank {rank} differs from its group's rank 0");
@@ -279,6 +293,7 @@ fn sharded(
         for (k, &i) in idx.iter().enumerate() {
             all.tokens[i] = out.tokens[k].clone();
             all.logits[i] = out.logits[k].clone();
+            all.routed[i] = out.routed[k].clone();
         }
     }
     all
@@ -313,6 +328,13 @@ fn compare(
             }
             if err > TOL_F32 {
                 fails.push(format!("{what}: logits rel err {err} > {TOL_F32}"));
+            }
+            // Routed experts (RL rollouts): recorded through the EP seam, equal to one GPU's.
+            let rows: usize = want.routed.iter().map(Vec::len).sum();
+            if got.routed != want.routed || rows == 0 {
+                fails.push(format!("{what}: routed experts differ from one GPU ({rows} rows)"));
+            } else {
+                eprintln!("{what}: routed experts of {rows} rows equal one GPU's");
             }
         }
         Precision::Bf16 => {

@@ -201,7 +201,7 @@ impl CudaModel {
         st: &DeviceStep,
         cache: &mut CudaKvCache,
     ) -> Result<(), CudaModelError> {
-        self.layer_forward_with(lw, li, h, n, st, cache, &mut OneGpu)
+        self.layer_forward_with(lw, li, h, n, st, cache, &mut OneGpu::default())
     }
 
     /// [`Self::layer_forward`] with the sharded seams of a rank (`seams.rs`).
@@ -336,6 +336,9 @@ impl CudaModel {
                 let mut ids = dev.zeros::<i32>(n * k)?;
                 let mut wts = dev.zeros::<f32>(n * k)?;
                 ops.router_select(&logits, bias, &mut ids, &mut wts, n, &self.router)?;
+                if let Some(r) = seams.recorder() {
+                    r.push_device_ids(self, &ids, n)?;
+                }
                 let shape = MoeShape { tokens: n, top_k: k, n_experts: e, dim: hd, inter: *inner };
                 let mut scratch = MoeScratch::new(dev, n * k, &shape)?;
                 scratch.grouped = self.grouped_experts;

@@ -50,7 +50,7 @@ impl CudaModel {
         st: &DeviceStep,
         cache: &mut CudaKvCache,
     ) -> Result<(), CudaModelError> {
-        self.layer_forward_f32_with(lw, li, h, n, st, cache, &mut OneGpu)
+        self.layer_forward_f32_with(lw, li, h, n, st, cache, &mut OneGpu::default())
     }
 
     /// [`Self::layer_forward_f32`] with the sharded seams of a rank (`seams.rs`).
@@ -121,6 +121,9 @@ impl CudaModel {
                 let mut ids = dev.zeros::<i32>(n * k)?; // [n, k]
                 let mut wts = dev.zeros::<f32>(n * k)?;
                 ops.router_select(&logits, bias, &mut ids, &mut wts, n, &self.router)?;
+                if let Some(r) = seams.recorder() {
+                    r.push_device_ids(self, &ids, n)?;
+                }
                 let mut act = dev.zeros::<f32>(n * k * inner)?; // [n, k, inner]
                 let mut routed = dev.zeros::<f32>(n * hd)?; // [n, hidden]
                 let shape = (n, k, hd, *inner, e);

@@ -296,8 +296,8 @@ impl CudaModel {
 
     /// One step over a batch: writes the new tokens' latents and indexer keys into `cache`,
     /// returns the requested logits (f32) and the final residual stream. `record_hidden` records
-    /// every layer's residual stream (downloads); `record_routing` is not supported here (the
-    /// routing stays on the device) and leaves `routed_experts` empty.
+    /// every layer's residual stream (downloads); `record_routing` records each row's routed
+    /// experts per MoE layer (one download per MoE layer, only when asked).
     pub fn forward(
         &self,
         seqs: &[CudaSeqInput],
@@ -343,10 +343,15 @@ impl CudaModel {
         if opts.record_hidden {
             out.layer_hidden.push(dev.download(&h)?);
         }
+        let routing = opts.record_routing.then(|| seams::RoutingRecorder::new(n));
+        let mut seams = seams::OneGpu { routing };
         for (i, lw) in self.layers.iter().enumerate() {
+            let s = &mut seams;
             match self.precision {
-                Precision::Bf16 => self.layer_forward(lw, i, &mut h, n, &dstep, cache)?,
-                Precision::F32 => self.layer_forward_f32(lw, i, &mut h, n, &dstep, cache)?,
+                Precision::Bf16 => self.layer_forward_with(lw, i, &mut h, n, &dstep, cache, s)?,
+                Precision::F32 => {
+                    self.layer_forward_f32_with(lw, i, &mut h, n, &dstep, cache, s)?
+                }
             }
             if opts.record_hidden {
                 out.layer_hidden.push(dev.download(&h)?);
@@ -381,6 +386,9 @@ impl CudaModel {
             }
         }
         out.hidden = dev.download(&h)?;
+        if let Some(r) = seams.routing {
+            out.routed_experts = r.rows;
+        }
         Ok(out)
     }
 }

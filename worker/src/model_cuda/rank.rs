@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use super::layer::Step;
 use super::rank_moe::{EpComms, EpW, ep_forward};
-use super::seams::{FfnInput, Seams};
+use super::seams::{FfnInput, RoutingRecorder, Seams};
 use super::weights::{FfnW, Mat};
 use super::{CudaKvCache, CudaModel, CudaModelError, CudaSeqInput, Glue, Precision};
 use crate::model::{ForwardOptions, ForwardOutput, LogitsMode, ModelError};
@@ -268,7 +268,8 @@ impl CudaRankModel {
         if opts.record_hidden {
             out.layer_hidden.push(dev.download(&h)?);
         }
-        let mut seams = RankSeams { comms };
+        let routing = opts.record_routing.then(|| RoutingRecorder::new(n));
+        let mut seams = RankSeams { comms, routing };
         for (i, lw) in m.layers.iter().enumerate() {
             match m.precision {
                 Precision::Bf16 => {
@@ -310,6 +311,9 @@ impl CudaRankModel {
             out.logits = gather_vocab_parts(&local, rows, vocab, seams.comms.group)?;
         }
         out.hidden = dev.download(&h)?;
+        if let Some(r) = seams.routing {
+            out.routed_experts = r.rows;
+        }
         Ok(out)
     }
 }
@@ -328,9 +332,14 @@ fn all_reduce(
 /// The seams of a sharded rank: group all-reduces (skipped at T = 1), EP over the world.
 struct RankSeams<'a> {
     comms: EpComms<'a>,
+    routing: Option<RoutingRecorder>,
 }
 
 impl Seams for RankSeams<'_> {
+    fn recorder(&mut self) -> Option<&mut RoutingRecorder> {
+        self.routing.as_mut()
+    }
+
     fn add_reduced_bf16(
         &mut self,
         m: &CudaModel,
@@ -373,6 +382,9 @@ impl Seams for RankSeams<'_> {
         h: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<(), CudaModelError> {
+        if let Some(r) = &mut self.routing {
+            r.record_router(m, &w.gate, &w.bias, x.xf, n)?;
+        }
         ep_forward(m, li, w, Some((x, h)), n, &mut self.comms)
     }
 }
