@@ -26,6 +26,7 @@ pub mod random;
 use crate::kv::{CacheConfig, KvError, PagedKvCache};
 use crate::weights::{TensorSource, WeightsError};
 use embed::{Embedding, LmHead};
+pub use experts::StepLoad;
 use fathom_common::{ConfigError, ModelConfig};
 use fathom_kernels::cpu::norm::rms_norm_new;
 use fathom_kernels::cpu::rope::rope_cos_sin;
@@ -262,6 +263,18 @@ impl Model {
         cache: &mut PagedKvCache,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        self.forward_counted(seqs, cache, opts).map(|(out, _)| out)
+    }
+
+    /// [`Self::forward`] plus the step's expert-load counters ([`StepLoad`]: tokens per (MoE
+    /// layer, logical expert), counted inside each MoE layer from its assignment list whether
+    /// or not `opts.record_routing` is set). The counts equal a tally of the recorded routing.
+    pub fn forward_counted(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut PagedKvCache,
+        opts: &ForwardOptions,
+    ) -> Result<(ForwardOutput, StepLoad), ModelError> {
         self.validate(seqs, cache)?;
         let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
         let n = ctx.n_tokens();
@@ -275,10 +288,14 @@ impl Model {
         if opts.record_routing {
             out.routed_experts = vec![Vec::new(); n];
         }
+        let mut load = StepLoad::default();
         for layer in &self.layers {
             let routing = layer.forward(&mut h, &ctx, cache)?;
             if opts.record_hidden {
                 out.layer_hidden.push(h.clone());
+            }
+            if let Some(assignments) = &routing {
+                load.push_layer(assignments, self.cfg.n_routed_experts);
             }
             if let (true, Some(assignments)) = (opts.record_routing, routing) {
                 let mut per_token = vec![Vec::new(); n];
@@ -305,7 +322,7 @@ impl Model {
             out.logits = self.head.logits(&normed);
         }
         out.hidden = h;
-        Ok(out)
+        Ok((out, load))
     }
 
     /// The final RMSNorm applied to hidden rows `[n, hidden]`.
@@ -378,4 +395,60 @@ pub(crate) fn validate_batch(
         cache.check_table(seq.block_table, end)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::BlockAllocator;
+    use crate::metrics::ExpertTally;
+
+    /// The in-layer counters equal a tally of the recorded routing of the same step, and do
+    /// not need routing to be recorded.
+    #[test]
+    fn counted_forward_equals_the_tally_of_recorded_routing() {
+        let cfg = ModelConfig::tiny();
+        let model =
+            Model::load(&random::random_source(&cfg, 11), cfg.clone(), ShardSpec::full(&cfg))
+                .unwrap();
+        let prompts: [Vec<u32>; 3] = [
+            (0..13).map(|i| (i * 37 + 5) % 512).collect(),
+            (0..5).map(|i| (i * 11 + 200) % 512).collect(),
+            vec![42],
+        ];
+        let run = |record_routing: bool| {
+            let mut cache = model.new_cache(4, 64).unwrap();
+            let mut alloc = BlockAllocator::new(64);
+            let tables: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| {
+                    let mut t = Vec::new();
+                    alloc.grow(&mut t, p.len(), 4).unwrap();
+                    t
+                })
+                .collect();
+            let seqs: Vec<SeqInput> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(p, t)| SeqInput { tokens: p, start_pos: 0, block_table: t })
+                .collect();
+            let opts = ForwardOptions { record_routing, ..Default::default() };
+            model.forward_counted(&seqs, &mut cache, &opts).unwrap()
+        };
+        let (recorded, counted) = run(true);
+        let (plain, counted_plain) = run(false);
+        assert!(plain.routed_experts.is_empty(), "no routing recorded unless asked");
+        assert_eq!(counted_plain, counted, "counting does not depend on record_routing");
+        let mut tally = ExpertTally::for_model(&cfg).unwrap();
+        tally.add_routing(&recorded.routed_experts);
+        let from_counts: Vec<u64> = counted.routed.iter().map(|&c| u64::from(c)).collect();
+        assert_eq!(from_counts, tally.counts);
+        let tokens: usize = prompts.iter().map(Vec::len).sum();
+        let per_layer = (tokens * cfg.num_experts_per_tok) as u64;
+        assert_eq!(counted.moe_layers(), cfg.num_moe_layers());
+        assert_eq!(counted.computed, vec![per_layer; cfg.num_moe_layers()]);
+        assert_eq!(tally.total(), per_layer * cfg.num_moe_layers() as u64);
+        // Not all in one expert: the counts are per expert, not a copy of the total.
+        assert!(counted.routed.iter().filter(|&&c| c > 0).count() > cfg.num_experts_per_tok);
+    }
 }

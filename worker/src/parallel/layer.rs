@@ -108,7 +108,7 @@ impl RankLayer {
             }
             RankFfn::Moe(moe) => {
                 let (f, r, c) =
-                    moe.forward(&x, self.index, world, group, plan, opts.base.record_routing)?;
+                    moe.forward(&x, self.index, ctx, world, group, plan, opts.base.record_routing)?;
                 (f, r, Some(c))
             }
         };

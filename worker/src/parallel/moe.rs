@@ -1,7 +1,7 @@
 //! Expert-parallel MoE of one layer on one rank (ARCHITECTURE §2, EP-DISPATCH design B on the
 //! host): the group's tokens are split into T contiguous slices; this rank routes its slice,
 //! sends each token once to every rank that owns one of its experts (the replica chosen by
-//! [`ParallelPlan::replica_for`] from the token's index in the slice), the owners run grouped
+//! [`ParallelPlan::replica_for`], see [`replica_key`]), the owners run grouped
 //! expert GEMMs and send the unweighted outputs back, and the routing rank sums
 //! `weight · output` in fp32 in ascending expert order, adds the shared expert of its slice, and
 //! the group all-gathers the slices.
@@ -21,6 +21,7 @@
 
 use super::ParallelError;
 use super::table::ExpertTable;
+use crate::model::StepCtx;
 use crate::model::experts::Assignment;
 use crate::model::ffn::SwiGlu;
 use crate::model::gate::Router;
@@ -71,6 +72,18 @@ pub(super) struct MoeCounts {
 /// layer's load counters.
 type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>, MoeCounts);
 
+/// The key [`ParallelPlan::replica_for`] picks a replica with (`key mod replicas`) for the
+/// `pair`-th expert of token `token` of a slice whose first token sits at position `first_pos`:
+/// `first_pos + token + pair`. Consecutive tokens of a slice alternate replicas (as before); the
+/// pair index spreads the experts of one token, and the position rotates the choice from step to
+/// step, so a decode batch of one token (token 0 every step) also spreads over the replicas
+/// instead of always using replica 0. Deterministic from the step's inputs; every replica holds
+/// the same weights and the routing rank sums the outputs in ascending expert order, so the
+/// choice never changes an output bit.
+pub(super) fn replica_key(first_pos: usize, token: usize, pair: usize) -> usize {
+    first_pos.wrapping_add(token).wrapping_add(pair)
+}
+
 /// The rows of slice `k` of `n` tokens split over `t` ranks (ceil-sized, so the all-gather can
 /// use equal padded parts of `n.div_ceil(t)` rows).
 fn slice_rows(n: usize, t: usize, k: usize) -> std::ops::Range<usize> {
@@ -114,10 +127,12 @@ impl EpMoe {
 
     /// `x` `[n, hidden]` (the group's tokens, identical on the group's ranks) → `[n, hidden]`
     /// routed + shared output on every rank of the group.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
         x: &[f32],
         layer: usize,
+        ctx: &StepCtx,
         world: &mut dyn Collective,
         group: &mut dyn Collective,
         plan: &ParallelPlan,
@@ -133,8 +148,9 @@ impl EpMoe {
         let dispatch = tracing::trace_span!("dispatch", layer).entered();
         let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
 
+        let first_pos = ctx.positions.get(mine.start).copied().unwrap_or(0);
         let Dispatch { words, counts, sent } =
-            self.pack_dispatch(xs, &assignments, layer, plan, world)?;
+            self.pack_dispatch(xs, &assignments, layer, first_pos, plan, world)?;
         let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
         let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
         drop(dispatch);
@@ -250,14 +266,20 @@ impl EpMoe {
         xs: &[f32],
         assignments: &[Assignment],
         layer: usize,
+        first_pos: usize,
         plan: &ParallelPlan,
         world: &dyn Collective,
     ) -> Result<Dispatch, ParallelError> {
         let h = self.hidden;
         let w = world.world_size();
         let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
+        // Index of each assignment among its token's (the router emits a token's experts
+        // contiguously).
+        let mut pair = 0usize;
         for (i, a) in assignments.iter().enumerate() {
-            let slot = plan.replica_for(layer, ExpertId(a.expert), a.token as usize)?;
+            pair = if i > 0 && assignments[i - 1].token == a.token { pair + 1 } else { 0 };
+            let key = replica_key(first_pos, a.token as usize, pair);
+            let slot = plan.replica_for(layer, ExpertId(a.expert), key)?;
             let d = slot.rank.0 as usize;
             match sent[d].last_mut() {
                 Some((tok, idx)) if *tok == a.token => idx.push(i),
