@@ -84,6 +84,14 @@ pub trait Executor: Send + std::fmt::Debug {
     fn step_report(&mut self) -> crate::experts::StepReport {
         crate::experts::StepReport::default()
     }
+    /// Where the running step is (layer and phase, written by the forward while
+    /// [`execute`](Self::execute) runs), for the service to report to the coordinator's
+    /// watchdog (`step_progress`). Fetched before each step, so it must not need `execute` to
+    /// have returned. Default: not tracked (the watchdog then only knows `started`).
+    fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+        None
+    }
+
     /// What the last [`execute`](Self::execute) measured (phase times, expert routing counts);
     /// taken once per step by the service for its metrics. Default: nothing measured.
     fn take_report(&mut self) -> crate::metrics::StepReport {
@@ -271,6 +279,7 @@ pub mod expert_wire;
 pub mod progress;
 pub mod routing;
 pub mod sharded;
+pub mod step_progress;
 
 /// Values of the main model's tensors (MTP layers and FP8 scales excluded): the weight-loading
 /// progress total of a whole-model load.
@@ -376,6 +385,7 @@ pub mod single {
             self.report.experts = super::expert_tally_of_load(self.model.config(), &load.routed);
             self.experts_report =
                 crate::experts::StepReport::with_load(load, self.placement_version);
+            self.model.step_phase().set(None, crate::model::Phase::Sample);
             let t1 = Instant::now();
             let results = tracing::trace_span!("sample").in_scope(|| {
                 super::seq_results(
@@ -400,6 +410,10 @@ pub mod single {
 
         fn step_report(&mut self) -> crate::experts::StepReport {
             std::mem::take(&mut self.experts_report)
+        }
+
+        fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+            Some(self.model.step_phase())
         }
     }
 }

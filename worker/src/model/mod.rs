@@ -10,7 +10,8 @@
 //! Files: `embed.rs` (embedding, LM head), `mla.rs` (attention), `indexer.rs` (DSA),
 //! `gate.rs` (routing only), `experts.rs` (expert compute only), `ffn.rs` (dense MLP, MoE
 //! composition), `layer.rs` (a block), `mtp.rs`, `random.rs` (random weights for tests and
-//! benchmarks), `load.rs` (shape-checked loading).
+//! benchmarks), `load.rs` (shape-checked loading), `progress.rs` (the layer and phase a running
+//! step is in, for the watchdog).
 
 pub mod embed;
 pub mod experts;
@@ -21,6 +22,7 @@ pub mod layer;
 pub(crate) mod load;
 pub mod mla;
 pub mod mtp;
+pub mod progress;
 pub mod random;
 
 use crate::kv::{CacheConfig, KvError, PagedKvCache};
@@ -32,7 +34,9 @@ use fathom_kernels::cpu::norm::rms_norm_new;
 use fathom_kernels::cpu::rope::rope_cos_sin;
 use layer::DecoderLayer;
 use mtp::Mtp;
+pub use progress::{Phase, StepPhase};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Why the model could not be built or run. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +152,8 @@ pub struct StepCtx<'a> {
     pub positions: Vec<usize>,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// Where the step is, for the watchdog (`None`: not tracked).
+    pub progress: Option<&'a StepPhase>,
 }
 
 impl<'a> StepCtx<'a> {
@@ -160,7 +166,14 @@ impl<'a> StepCtx<'a> {
             offsets.push(positions.len());
         }
         let (cos, sin) = rope_cos_sin(freqs, attention_factor, &positions);
-        Self { seqs, offsets, positions, cos, sin }
+        Self { seqs, offsets, positions, cos, sin, progress: None }
+    }
+
+    /// Records that the step entered `phase` of `layer` (`None`: outside the layers).
+    pub fn mark(&self, layer: Option<usize>, phase: Phase) {
+        if let Some(p) = self.progress {
+            p.set(layer, phase);
+        }
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -193,6 +206,8 @@ pub struct Model {
     pub mtp: Vec<Mtp>,
     freqs: Vec<f32>,
     attention_factor: f32,
+    /// The layer and phase of the running forward.
+    progress: Arc<StepPhase>,
 }
 
 impl Model {
@@ -224,7 +239,14 @@ impl Model {
             attention_factor: cfg.rope_attention_factor()? as f32,
             cfg,
             shard,
+            progress: Arc::default(),
         })
+    }
+
+    /// The cell every forward of this model writes its layer and phase into (share it with a
+    /// reporter thread).
+    pub fn step_phase(&self) -> Arc<StepPhase> {
+        self.progress.clone()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -276,7 +298,8 @@ impl Model {
         opts: &ForwardOptions,
     ) -> Result<(ForwardOutput, StepLoad), ModelError> {
         self.validate(seqs, cache)?;
-        let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        let mut ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        ctx.progress = Some(&self.progress);
         let n = ctx.n_tokens();
         let hdim = self.cfg.hidden_size;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -308,6 +331,7 @@ impl Model {
                 }
             }
         }
+        ctx.mark(None, Phase::Head);
         out.logit_rows = match opts.logits {
             LogitsMode::None => Vec::new(),
             LogitsMode::LastPerSeq => (0..seqs.len()).map(|s| ctx.seq_rows(s).end - 1).collect(),

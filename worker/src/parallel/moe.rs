@@ -21,10 +21,10 @@
 
 use super::ParallelError;
 use super::table::ExpertTable;
-use crate::model::StepCtx;
 use crate::model::experts::Assignment;
 use crate::model::ffn::SwiGlu;
 use crate::model::gate::Router;
+use crate::model::{Phase, StepCtx};
 use crate::weights::TensorSource;
 use fathom_common::ModelConfig;
 use fathom_common::ids::{ExpertId, Rank};
@@ -145,6 +145,7 @@ impl EpMoe {
         let xs = &x[mine.start * h..mine.end * h]; // [m, hidden]
         let m = mine.len();
         // Phases of the step's trace (debug builds of a trace pay only a callsite check).
+        ctx.mark(Some(layer), Phase::Dispatch);
         let dispatch = tracing::trace_span!("dispatch", layer).entered();
         let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
 
@@ -154,6 +155,7 @@ impl EpMoe {
         let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
         let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
         drop(dispatch);
+        ctx.mark(Some(layer), Phase::Experts);
         let experts =
             tracing::trace_span!("experts", layer, assignments = rx.assign.len()).entered();
         let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
@@ -165,6 +167,7 @@ impl EpMoe {
                 *c += 1;
             }
         }
+        ctx.mark(Some(layer), Phase::Combine);
         let _combine = tracing::trace_span!("combine", layer).entered();
         let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
