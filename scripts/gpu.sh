@@ -19,7 +19,11 @@ echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
 json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-kernels --test 'comm_nccl*' --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-worker --test 'cuda_model_*' --no-run --message-format=json 2>/dev/null)
-cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+# FATHOM_GPU_NO_OPS_BENCH=1 skips the (slow) release build of the op/GEMM bench: bench mode then
+# runs only the full-width layer bench and the HF peer.
+if [ -z "${FATHOM_GPU_NO_OPS_BENCH:-}" ]; then
+  cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+fi
 cargo build -p fathom --bin fathom >&2
 
 rm -rf "$dest/bin"
@@ -37,7 +41,9 @@ for line in sys.stdin:
   strip --strip-debug -o "$dest/bin/$name" "$exe"
   echo "gpu.sh: staged $name" >&2
 done
-strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+if [ -z "${FATHOM_GPU_NO_OPS_BENCH:-}" ]; then
+  strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+fi
 strip --strip-all -o "$dest/bin/fathom" target/debug/fathom
 cp /work/shared/tools/hf_peer_layer.py "$dest/hf_peer_layer.py" 2>/dev/null \
   || echo "gpu.sh: no /work/shared/tools/hf_peer_layer.py: the bench runs without the HF peer" >&2
@@ -108,9 +114,13 @@ if [ "$what" = cli ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
-  rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
-  cat "$OUT/bench.log"
+  if [ -x "$here/bin/fathom-gpu-bench" ]; then
+    "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
+    rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
+    cat "$OUT/bench.log"
+  else
+    echo "fathom-gpu-bench: not staged (FATHOM_GPU_NO_OPS_BENCH): op/GEMM bench skipped"
+  fi
   # Full-width layers (ours), then the HF transformers peer on the same GPU in the same run.
   timeout 300 "$here/bin/cuda_model_bench" --ignored --nocapture --test-threads=1 > "$OUT/layer.log" 2>&1
   rc=$?; echo "cuda_model_bench: rc=$rc"; [ "$rc" = 0 ] || fail=1

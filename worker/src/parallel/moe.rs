@@ -44,19 +44,19 @@ pub(super) struct EpMoe {
 
 /// The dispatch payload of one rank: `words` for the all-to-all, the word count per
 /// destination, and per destination the records sent (`(token, assignment indices)`).
-struct Dispatch {
-    words: Vec<u32>,
-    counts: Vec<usize>,
-    sent: Vec<Vec<(u32, Vec<usize>)>>,
+pub(crate) struct Dispatch {
+    pub words: Vec<u32>,
+    pub counts: Vec<usize>,
+    pub sent: Vec<Vec<(u32, Vec<usize>)>>,
 }
 
 /// What arrived: expert inputs `[records, hidden]`, one assignment per (record, expert) with
 /// weight 1 (the sender weights), and the assignment count per source rank.
 #[derive(Debug)]
-struct Received {
-    x: Vec<f32>,
-    assign: Vec<Assignment>,
-    per_src: Vec<usize>,
+pub(crate) struct Received {
+    pub x: Vec<f32>,
+    pub assign: Vec<Assignment>,
+    pub per_src: Vec<usize>,
 }
 
 /// One layer's expert load in one step, as this rank saw it.
@@ -86,7 +86,7 @@ pub(super) fn replica_key(first_pos: usize, token: usize, pair: usize) -> usize 
 
 /// The rows of slice `k` of `n` tokens split over `t` ranks (ceil-sized, so the all-gather can
 /// use equal padded parts of `n.div_ceil(t)` rows).
-fn slice_rows(n: usize, t: usize, k: usize) -> std::ops::Range<usize> {
+pub(crate) fn slice_rows(n: usize, t: usize, k: usize) -> std::ops::Range<usize> {
     let per = n.div_ceil(t);
     (k * per).min(n)..((k + 1) * per).min(n)
 }
@@ -173,25 +173,7 @@ impl EpMoe {
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
 
         // Row of `ret` holding the output of each assignment.
-        let mut row_of = vec![usize::MAX; assignments.len()];
-        let mut base = 0;
-        for (d, records) in sent.iter().enumerate() {
-            let expected: usize = records.iter().map(|(_, idx)| idx.len()).sum();
-            if ret_counts[d] != expected * h {
-                return Err(ParallelError::Protocol {
-                    layer,
-                    rank: d,
-                    what: format!(
-                        "combine returned {} values, expected {expected} rows of {h}",
-                        ret_counts[d]
-                    ),
-                });
-            }
-            for i in records.iter().flat_map(|(_, idx)| idx) {
-                row_of[*i] = base;
-                base += 1;
-            }
-        }
+        let row_of = returned_rows(&sent, &ret_counts, assignments.len(), h, layer)?;
 
         // fp32 weighted sum per token, ascending expert order (as the one-rank model).
         let mut out = vec![0.0f32; m * h]; // [m, hidden]
@@ -215,16 +197,8 @@ impl EpMoe {
             return Ok((Vec::new(), record.then(Vec::new), counts));
         }
 
-        // All-gather the slices in the group (padded to equal parts).
         let per = n.div_ceil(t);
-        out.resize(per * h, 0.0);
-        let mut all = vec![0.0f32; t * per * h]; // [t, per, hidden]
-        group.all_gather_pod(&out, &mut all)?;
-        let mut full = Vec::with_capacity(n * h); // [n, hidden]
-        for j in 0..t {
-            let rows = slice_rows(n, t, j).len();
-            full.extend_from_slice(&all[j * per * h..(j * per + rows) * h]);
-        }
+        let full = gather_slices(out, n, h, group)?; // [n, hidden]
         let routing = if record {
             let kk = self.top_k;
             let mut ids = vec![u32::MAX; per * kk]; // [per, top_k], padded with MAX
@@ -263,7 +237,7 @@ impl EpMoe {
         &mut self.experts
     }
 
-    /// Packs the dispatch records of this rank's slice.
+    /// Packs the dispatch records of this rank's slice ([`pack_dispatch`]).
     fn pack_dispatch(
         &self,
         xs: &[f32],
@@ -273,74 +247,172 @@ impl EpMoe {
         plan: &ParallelPlan,
         world: &dyn Collective,
     ) -> Result<Dispatch, ParallelError> {
-        let h = self.hidden;
-        let w = world.world_size();
-        let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
-        // Index of each assignment among its token's (the router emits a token's experts
-        // contiguously).
-        let mut pair = 0usize;
-        for (i, a) in assignments.iter().enumerate() {
-            pair = if i > 0 && assignments[i - 1].token == a.token { pair + 1 } else { 0 };
-            let key = replica_key(first_pos, a.token as usize, pair);
-            let slot = plan.replica_for(layer, ExpertId(a.expert), key)?;
-            let d = slot.rank.0 as usize;
-            match sent[d].last_mut() {
-                Some((tok, idx)) if *tok == a.token => idx.push(i),
-                _ => sent[d].push((a.token, vec![i])),
-            }
-        }
-        let mut words = Vec::new();
-        let mut counts = vec![0usize; w];
-        for (d, records) in sent.iter().enumerate() {
-            let start = words.len();
-            for (tok, idx) in records {
-                words.push(*tok);
-                words.push(idx.len() as u32);
-                words.extend(idx.iter().map(|&i| assignments[i].expert));
-                let t = *tok as usize;
-                words.extend(xs[t * h..(t + 1) * h].iter().map(|v| v.to_bits()));
-            }
-            counts[d] = words.len() - start;
-        }
-        Ok(Dispatch { words, counts, sent })
+        pack_dispatch_at(xs, assignments, self.hidden, layer, first_pos, plan, world.world_size())
     }
 
-    /// Parses the received records (checking every length against `counts`).
+    /// Parses the received records ([`unpack_dispatch`]).
     fn unpack_dispatch(
         &self,
         recv: &[u32],
         counts: &[usize],
         layer: usize,
     ) -> Result<Received, ParallelError> {
-        let h = self.hidden;
-        let mut x = Vec::new();
-        let mut assign = Vec::new();
-        let mut per_src = vec![0usize; counts.len()];
-        let mut pos = 0;
-        for (src, &c) in counts.iter().enumerate() {
-            let end = pos + c;
-            let bad = |what: String| ParallelError::Protocol { layer, rank: src, what };
-            while pos < end {
-                if pos + 2 > end {
-                    return Err(bad(format!("truncated record header at word {pos}")));
-                }
-                let k = recv[pos + 1] as usize;
-                if k == 0 || k > self.top_k || pos + 2 + k + h > end {
-                    return Err(bad(format!(
-                        "record at word {pos} has {k} experts or is truncated"
-                    )));
-                }
-                let record = (x.len() / h) as u32;
-                for &e in &recv[pos + 2..pos + 2 + k] {
-                    assign.push(Assignment { token: record, expert: e, weight: 1.0 });
-                }
-                x.extend(recv[pos + 2 + k..pos + 2 + k + h].iter().map(|&b| f32::from_bits(b)));
-                per_src[src] += k;
-                pos += 2 + k + h;
-            }
-        }
-        Ok(Received { x, assign, per_src })
+        unpack_dispatch(recv, counts, self.hidden, self.top_k, layer)
     }
+}
+
+/// [`pack_dispatch_at`] for a slice whose first token is at position 0 (replicas still
+/// alternate over the tokens and over each token's experts, but do not rotate from step to
+/// step). The GPU rank model's entry; the CPU rank passes the slice's position.
+pub(crate) fn pack_dispatch(
+    xs: &[f32],
+    assignments: &[Assignment],
+    h: usize,
+    layer: usize,
+    plan: &ParallelPlan,
+    w: usize,
+) -> Result<Dispatch, ParallelError> {
+    pack_dispatch_at(xs, assignments, h, layer, 0, plan, w)
+}
+
+/// Packs the dispatch records of one rank's slice `xs` `[m, hidden]` for `assignments`
+/// (token-major, as the router emits them) over a world of `world_size` ranks: one record per
+/// (token, destination), the replica picked by [`ParallelPlan::replica_for`] with
+/// [`replica_key`] (`first_pos`: the position of the slice's first token). Shared by the CPU
+/// and GPU rank models (the same wire format).
+pub(crate) fn pack_dispatch_at(
+    xs: &[f32],
+    assignments: &[Assignment],
+    h: usize,
+    layer: usize,
+    first_pos: usize,
+    plan: &ParallelPlan,
+    w: usize,
+) -> Result<Dispatch, ParallelError> {
+    let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
+    // Index of each assignment among its token's (the router emits a token's experts
+    // contiguously).
+    let mut pair = 0usize;
+    for (i, a) in assignments.iter().enumerate() {
+        pair = if i > 0 && assignments[i - 1].token == a.token { pair + 1 } else { 0 };
+        let key = replica_key(first_pos, a.token as usize, pair);
+        let slot = plan.replica_for(layer, ExpertId(a.expert), key)?;
+        let d = slot.rank.0 as usize;
+        if d >= w {
+            return Err(ParallelError::Layout {
+                what: "replica rank below world_size",
+                expected: w,
+                got: d,
+            });
+        }
+        match sent[d].last_mut() {
+            Some((tok, idx)) if *tok == a.token => idx.push(i),
+            _ => sent[d].push((a.token, vec![i])),
+        }
+    }
+    let mut words = Vec::new();
+    let mut counts = vec![0usize; w];
+    for (d, records) in sent.iter().enumerate() {
+        let start = words.len();
+        for (tok, idx) in records {
+            words.push(*tok);
+            words.push(idx.len() as u32);
+            words.extend(idx.iter().map(|&i| assignments[i].expert));
+            let t = *tok as usize;
+            words.extend(xs[t * h..(t + 1) * h].iter().map(|v| v.to_bits()));
+        }
+        counts[d] = words.len() - start;
+    }
+    Ok(Dispatch { words, counts, sent })
+}
+
+/// Parses received dispatch records (`counts` words per source rank), checking every length:
+/// the expert inputs `[records, hidden]` and one weight-1 assignment per (record, expert).
+pub(crate) fn unpack_dispatch(
+    recv: &[u32],
+    counts: &[usize],
+    h: usize,
+    top_k: usize,
+    layer: usize,
+) -> Result<Received, ParallelError> {
+    let mut x = Vec::new();
+    let mut assign = Vec::new();
+    let mut per_src = vec![0usize; counts.len()];
+    let mut pos = 0;
+    for (src, &c) in counts.iter().enumerate() {
+        let end = pos + c;
+        let bad = |what: String| ParallelError::Protocol { layer, rank: src, what };
+        while pos < end {
+            if pos + 2 > end {
+                return Err(bad(format!("truncated record header at word {pos}")));
+            }
+            let k = recv[pos + 1] as usize;
+            if k == 0 || k > top_k || pos + 2 + k + h > end {
+                return Err(bad(format!("record at word {pos} has {k} experts or is truncated")));
+            }
+            let record = (x.len() / h) as u32;
+            for &e in &recv[pos + 2..pos + 2 + k] {
+                assign.push(Assignment { token: record, expert: e, weight: 1.0 });
+            }
+            x.extend(recv[pos + 2 + k..pos + 2 + k + h].iter().map(|&b| f32::from_bits(b)));
+            per_src[src] += k;
+            pos += 2 + k + h;
+        }
+    }
+    Ok(Received { x, assign, per_src })
+}
+
+/// For each of `n_assign` assignments, the row of the combine's returned buffer holding its
+/// expert output (`sent` as packed, `ret_counts` f32 counts per source), checking that every
+/// rank returned exactly the rows it was sent.
+pub(crate) fn returned_rows(
+    sent: &[Vec<(u32, Vec<usize>)>],
+    ret_counts: &[usize],
+    n_assign: usize,
+    h: usize,
+    layer: usize,
+) -> Result<Vec<usize>, ParallelError> {
+    let mut row_of = vec![usize::MAX; n_assign];
+    let mut base = 0;
+    for (d, records) in sent.iter().enumerate() {
+        let expected: usize = records.iter().map(|(_, idx)| idx.len()).sum();
+        if ret_counts.get(d).copied() != Some(expected * h) {
+            return Err(ParallelError::Protocol {
+                layer,
+                rank: d,
+                what: format!(
+                    "combine returned {:?} values, expected {expected} rows of {h}",
+                    ret_counts.get(d)
+                ),
+            });
+        }
+        for i in records.iter().flat_map(|(_, idx)| idx) {
+            row_of[*i] = base;
+            base += 1;
+        }
+    }
+    Ok(row_of)
+}
+
+/// All-gathers the group's token slices (`out` = this rank's `[m, hidden]` of
+/// [`slice_rows`]) into the full `[n, hidden]` on every rank of `group` (padded equal parts).
+pub(crate) fn gather_slices(
+    mut out: Vec<f32>,
+    n: usize,
+    h: usize,
+    group: &mut dyn Collective,
+) -> Result<Vec<f32>, ParallelError> {
+    let t = group.world_size();
+    let per = n.div_ceil(t);
+    out.resize(per * h, 0.0);
+    let mut all = vec![0.0f32; t * per * h]; // [t, per, hidden]
+    group.all_gather_pod(&out, &mut all)?;
+    let mut full = Vec::with_capacity(n * h); // [n, hidden]
+    for j in 0..t {
+        let rows = slice_rows(n, t, j).len();
+        full.extend_from_slice(&all[j * per * h..(j * per + rows) * h]);
+    }
+    Ok(full)
 }
 
 #[cfg(test)]
@@ -395,5 +467,70 @@ mod tests {
                 assert_eq!(rows, (0..n).collect::<Vec<_>>(), "n={n} t={t}");
             }
         }
+    }
+
+    #[test]
+    fn returned_rows_follow_the_records_and_check_counts() {
+        // Assignments 0, 1 went to rank 1 (one record), 2 to rank 0.
+        let sent = vec![vec![(1u32, vec![2])], vec![(0u32, vec![0, 1])]];
+        let h = 3;
+        assert_eq!(returned_rows(&sent, &[h, 2 * h], 3, h, 4).unwrap(), vec![1, 2, 0]);
+        let err = returned_rows(&sent, &[h, h], 3, h, 4).unwrap_err();
+        assert!(matches!(err, ParallelError::Protocol { layer: 4, rank: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn gather_slices_rebuilds_the_rows_in_order() {
+        use fathom_kernels::comm::LocalComm;
+        let h = 2;
+        for t in [1usize, 2, 3] {
+            for n in [1usize, 4, 5] {
+                let full: Vec<f32> = (0..n * h).map(|i| i as f32).collect();
+                let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let hs: Vec<_> = LocalComm::create(t)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, mut c)| {
+                            let part = full
+                                [slice_rows(n, t, k).start * h..slice_rows(n, t, k).end * h]
+                                .to_vec();
+                            s.spawn(move || gather_slices(part, n, h, &mut c).unwrap())
+                        })
+                        .collect();
+                    hs.into_iter().map(|j| j.join().unwrap()).collect()
+                });
+                for g in got {
+                    assert_eq!(g, full, "n={n} t={t}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dispatch_round_trips_over_two_destinations() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let plan = ParallelPlan::build(&PlanSpec::new(Epoch(0), 2, 1), &cfg).unwrap();
+        let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).unwrap();
+        let h = cfg.hidden_size;
+        let xs: Vec<f32> = (0..2 * h).map(|i| i as f32 * 0.5).collect(); // [2 tokens, hidden]
+        // Token 0 → experts 0 (rank 0) and 15 (rank 1); token 1 → expert 14 (rank 1).
+        let assign = [(0, 0), (0, 15), (1, 14)].map(|(token, expert)| Assignment {
+            token,
+            expert,
+            weight: 0.5,
+        });
+        let d = pack_dispatch(&xs, &assign, h, layer, &plan, 2).unwrap();
+        assert_eq!(d.sent, vec![vec![(0, vec![0])], vec![(0, vec![1]), (1, vec![2])]]);
+        let at1 = &d.words[d.counts[0]..];
+        let rx =
+            unpack_dispatch(at1, &[0, d.counts[1]], h, cfg.num_experts_per_tok, layer).unwrap();
+        assert_eq!(rx.per_src, vec![0, 2]);
+        assert_eq!(rx.x, xs);
+        assert_eq!(
+            rx.assign.iter().map(|a| (a.token, a.expert)).collect::<Vec<_>>(),
+            [(0, 15), (1, 14)]
+        );
+        // A plan placing an expert on a rank outside the world is refused, not indexed.
+        assert!(pack_dispatch(&xs, &assign, h, layer, &plan, 1).is_err());
     }
 }
