@@ -112,6 +112,22 @@ if [ "$what" = cli ] || [ "$what" = all ]; then
       if [ "$mode" = "--temperature 0" ] && [ "$gpu" != "$want" ]; then echo "FAIL: generate $name: cuda greedy ids differ from golden"; fail=1; fi
     done
   done
+  # A served cluster on GPUs: fathom up with 2 workers (worker i on cuda:i), W=2 with T=1 and
+  # T=2, must stream the tokens of the same cluster on CPUs.
+  if [ "$gpus" -ge 2 ]; then
+    model="$FATHOM_GOLDEN_DIR/short_prompt"
+    for tp in 1 2; do
+      for dev in cpu cuda; do
+        r=$(timeout 120 "$here/bin/fathom" up --model "$model" --workers 2 --tp $tp --device $dev \
+            --prompt-ids 5,17,42,99 --max-new-tokens 8 --ignore-eos --json 2>>"$OUT/cli.log" | grep '^{')
+        eval "up_$dev=\"\$r\""
+      done
+      if [ -z "$up_cuda" ] || [ "$up_cuda" != "$up_cpu" ]; then echo "FAIL: fathom up W=2 T=$tp: cuda differs from cpu ($up_cuda vs $up_cpu)"; fail=1
+      else echo "fathom up W=2 T=$tp --device cuda == cpu: $up_cuda"; fi
+    done
+  else
+    echo "SKIP: fathom up W=2 on GPUs needs 2 GPUs, found $gpus"
+  fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   if [ -x "$here/bin/fathom-gpu-bench" ]; then

@@ -8,7 +8,9 @@
 //! first sight and freed by `released_seq_ids`; every rank of a group sees the same steps, so
 //! they allocate the same slots. Does not own: building the communicators (the service joins the
 //! world and splits the group before `prepare`), live expert-placement changes and expert
-//! counters (the GPU rank keeps the epoch's placement), routed-expert recording.
+//! counters (the GPU rank keeps the epoch's placement: a `stage_placement` is answered with a
+//! `staging_error`, so the coordinator abandons the change and the Admin call says why),
+//! routed-expert recording.
 //!
 //! Invariant: every rank runs [`CudaRankModel::forward`] exactly once per step, with its group's
 //! sequences or none, so the world's MoE all-to-alls pair up.
@@ -71,6 +73,7 @@ pub(crate) fn prepare(
         free: (0..slots).rev().collect(),
         weight_bytes: counting.total_bytes(),
         carry: Default::default(),
+        staging_refused: None,
     }))
 }
 
@@ -86,11 +89,22 @@ pub struct CudaShardedExecutor {
     weight_bytes: u64,
     /// Routed experts of non-final prefill chunks (group rank 0 only).
     carry: crate::executor::routing::RoutingCarry,
+    /// Why the last `stage_placement` was refused, reported once in the step's result (the
+    /// coordinator then abandons the change and the Admin call reports it).
+    staging_refused: Option<String>,
 }
 
 impl Executor for CudaShardedExecutor {
     fn execute(&mut self, step: &StepRequest) -> Result<Vec<SeqResult>, ExecError> {
         let fail = |reason: String| ExecError::Step { step_id: step.step_id, reason };
+        if let Some(update) = &step.stage_placement {
+            self.staging_refused = Some(format!(
+                "placement version {}: live expert placement changes are not supported on GPU \
+                 workers yet (the sharded GPU executor keeps the epoch's placement); change \
+                 replicas on CPU workers or restart the epoch with the new policy",
+                update.version
+            ));
+        }
         let my_group = self.model.group() as u32;
         let mine = step.groups.iter().find(|g| g.group == my_group);
         let seqs = mine.map(|g| g.seqs.as_slice()).unwrap_or(&[]);
@@ -134,6 +148,13 @@ impl Executor for CudaShardedExecutor {
             return Ok(Vec::new());
         }
         crate::executor::seq_results(step.step_id, seqs, &out, self.model.config(), &mut self.carry)
+    }
+
+    fn step_report(&mut self) -> crate::experts::StepReport {
+        crate::experts::StepReport {
+            staging_error: self.staging_refused.take().unwrap_or_default(),
+            ..Default::default()
+        }
     }
 
     fn weight_bytes(&self) -> u64 {
