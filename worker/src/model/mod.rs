@@ -459,7 +459,11 @@ mod tests {
             let opts = ForwardOptions { record_routing, ..Default::default() };
             model.forward_counted(&seqs, &mut cache, &opts).unwrap()
         };
+        let phase = model.step_phase();
+        phase.set(Some(99), Phase::Combine);
         let (recorded, counted) = run(true);
+        // The forward walked its layers and ended in the head.
+        assert_eq!(phase.get(), (-1, Phase::Head));
         let (plain, counted_plain) = run(false);
         assert!(plain.routed_experts.is_empty(), "no routing recorded unless asked");
         assert_eq!(counted_plain, counted, "counting does not depend on record_routing");
