@@ -164,6 +164,10 @@ impl Executor for ShardedExecutor {
         self.weight_bytes
     }
 
+    fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+        Some(self.model.step_phase())
+    }
+
     fn take_report(&mut self) -> StepReport {
         std::mem::take(&mut self.report)
     }

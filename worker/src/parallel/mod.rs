@@ -120,6 +120,8 @@ pub struct RankModel {
     head: LmHead,
     freqs: Vec<f32>,
     attention_factor: f32,
+    /// The layer and phase of the running forward (for the watchdog).
+    progress: std::sync::Arc<crate::model::StepPhase>,
 }
 
 impl RankModel {
@@ -173,7 +175,13 @@ impl RankModel {
             rank,
             plan: plan.clone(),
             cfg,
+            progress: Default::default(),
         })
+    }
+
+    /// The cell every forward of this rank writes its layer and phase into.
+    pub fn step_phase(&self) -> std::sync::Arc<crate::model::StepPhase> {
+        self.progress.clone()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -259,7 +267,8 @@ impl RankModel {
     ) -> Result<(ForwardOutput, StepLoad), ParallelError> {
         self.check_comms(world, group)?;
         crate::model::validate_batch(&self.cfg, seqs, cache)?;
-        let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        let mut ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        ctx.progress = Some(&self.progress);
         let n = ctx.n_tokens();
         let hdim = self.cfg.hidden_size;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -288,6 +297,7 @@ impl RankModel {
                 }
             }
         }
+        ctx.mark(None, crate::model::Phase::Head);
         out.logit_rows = match opts.base.logits {
             LogitsMode::None => Vec::new(),
             LogitsMode::LastPerSeq => (0..seqs.len()).map(|s| ctx.seq_rows(s).end - 1).collect(),

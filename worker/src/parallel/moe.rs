@@ -1,7 +1,7 @@
 //! Expert-parallel MoE of one layer on one rank (ARCHITECTURE §2, EP-DISPATCH design B on the
 //! host): the group's tokens are split into T contiguous slices; this rank routes its slice,
 //! sends each token once to every rank that owns one of its experts (the replica chosen by
-//! [`ParallelPlan::replica_for`] from the token's index in the slice), the owners run grouped
+//! [`ParallelPlan::replica_for`], see [`replica_key`]), the owners run grouped
 //! expert GEMMs and send the unweighted outputs back, and the routing rank sums
 //! `weight · output` in fp32 in ascending expert order, adds the shared expert of its slice, and
 //! the group all-gathers the slices.
@@ -24,6 +24,7 @@ use super::table::ExpertTable;
 use crate::model::experts::Assignment;
 use crate::model::ffn::SwiGlu;
 use crate::model::gate::Router;
+use crate::model::{Phase, StepCtx};
 use crate::weights::TensorSource;
 use fathom_common::ModelConfig;
 use fathom_common::ids::{ExpertId, Rank};
@@ -71,6 +72,18 @@ pub(super) struct MoeCounts {
 /// layer's load counters.
 type MoeOut = (Vec<f32>, Option<Vec<Vec<u32>>>, MoeCounts);
 
+/// The key [`ParallelPlan::replica_for`] picks a replica with (`key mod replicas`) for the
+/// `pair`-th expert of token `token` of a slice whose first token sits at position `first_pos`:
+/// `first_pos + token + pair`. Consecutive tokens of a slice alternate replicas (as before); the
+/// pair index spreads the experts of one token, and the position rotates the choice from step to
+/// step, so a decode batch of one token (token 0 every step) also spreads over the replicas
+/// instead of always using replica 0. Deterministic from the step's inputs; every replica holds
+/// the same weights and the routing rank sums the outputs in ascending expert order, so the
+/// choice never changes an output bit.
+pub(super) fn replica_key(first_pos: usize, token: usize, pair: usize) -> usize {
+    first_pos.wrapping_add(token).wrapping_add(pair)
+}
+
 /// The rows of slice `k` of `n` tokens split over `t` ranks (ceil-sized, so the all-gather can
 /// use equal padded parts of `n.div_ceil(t)` rows).
 pub(crate) fn slice_rows(n: usize, t: usize, k: usize) -> std::ops::Range<usize> {
@@ -114,10 +127,12 @@ impl EpMoe {
 
     /// `x` `[n, hidden]` (the group's tokens, identical on the group's ranks) → `[n, hidden]`
     /// routed + shared output on every rank of the group.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
         x: &[f32],
         layer: usize,
+        ctx: &StepCtx,
         world: &mut dyn Collective,
         group: &mut dyn Collective,
         plan: &ParallelPlan,
@@ -130,14 +145,17 @@ impl EpMoe {
         let xs = &x[mine.start * h..mine.end * h]; // [m, hidden]
         let m = mine.len();
         // Phases of the step's trace (debug builds of a trace pay only a callsite check).
+        ctx.mark(Some(layer), Phase::Dispatch);
         let dispatch = tracing::trace_span!("dispatch", layer).entered();
         let assignments = if m > 0 { self.router.route(xs) } else { Vec::new() };
 
+        let first_pos = ctx.positions.get(mine.start).copied().unwrap_or(0);
         let Dispatch { words, counts, sent } =
-            self.pack_dispatch(xs, &assignments, layer, plan, world)?;
+            self.pack_dispatch(xs, &assignments, layer, first_pos, plan, world)?;
         let (recv, recv_counts) = world.all_to_all_v_pod::<u32>(&words, &counts)?;
         let rx = self.unpack_dispatch(&recv, &recv_counts, layer)?;
         drop(dispatch);
+        ctx.mark(Some(layer), Phase::Experts);
         let experts =
             tracing::trace_span!("experts", layer, assignments = rx.assign.len()).entered();
         let y = self.experts.compute_each(&rx.x, &rx.assign, layer)?; // [A, hidden]
@@ -149,6 +167,7 @@ impl EpMoe {
                 *c += 1;
             }
         }
+        ctx.mark(Some(layer), Phase::Combine);
         let _combine = tracing::trace_span!("combine", layer).entered();
         let back_counts: Vec<usize> = rx.per_src.iter().map(|a| a * h).collect();
         let (ret, ret_counts) = world.all_to_all_v_pod::<f32>(&y, &back_counts)?;
@@ -224,10 +243,11 @@ impl EpMoe {
         xs: &[f32],
         assignments: &[Assignment],
         layer: usize,
+        first_pos: usize,
         plan: &ParallelPlan,
         world: &dyn Collective,
     ) -> Result<Dispatch, ParallelError> {
-        pack_dispatch(xs, assignments, self.hidden, layer, plan, world.world_size())
+        pack_dispatch_at(xs, assignments, self.hidden, layer, first_pos, plan, world.world_size())
     }
 
     /// Parses the received records ([`unpack_dispatch`]).
@@ -241,10 +261,9 @@ impl EpMoe {
     }
 }
 
-/// Packs the dispatch records of one rank's slice `xs` `[m, hidden]` for `assignments`
-/// (token-major, as the router emits them) over a world of `world_size` ranks: one record per
-/// (token, destination), the replica picked by [`ParallelPlan::replica_for`]. Shared by the CPU
-/// and GPU rank models (the same wire format).
+/// [`pack_dispatch_at`] for a slice whose first token is at position 0 (replicas still
+/// alternate over the tokens and over each token's experts, but do not rotate from step to
+/// step). The GPU rank model's entry; the CPU rank passes the slice's position.
 pub(crate) fn pack_dispatch(
     xs: &[f32],
     assignments: &[Assignment],
@@ -253,9 +272,31 @@ pub(crate) fn pack_dispatch(
     plan: &ParallelPlan,
     w: usize,
 ) -> Result<Dispatch, ParallelError> {
+    pack_dispatch_at(xs, assignments, h, layer, 0, plan, w)
+}
+
+/// Packs the dispatch records of one rank's slice `xs` `[m, hidden]` for `assignments`
+/// (token-major, as the router emits them) over a world of `world_size` ranks: one record per
+/// (token, destination), the replica picked by [`ParallelPlan::replica_for`] with
+/// [`replica_key`] (`first_pos`: the position of the slice's first token). Shared by the CPU
+/// and GPU rank models (the same wire format).
+pub(crate) fn pack_dispatch_at(
+    xs: &[f32],
+    assignments: &[Assignment],
+    h: usize,
+    layer: usize,
+    first_pos: usize,
+    plan: &ParallelPlan,
+    w: usize,
+) -> Result<Dispatch, ParallelError> {
     let mut sent: Vec<Vec<(u32, Vec<usize>)>> = vec![Vec::new(); w];
+    // Index of each assignment among its token's (the router emits a token's experts
+    // contiguously).
+    let mut pair = 0usize;
     for (i, a) in assignments.iter().enumerate() {
-        let slot = plan.replica_for(layer, ExpertId(a.expert), a.token as usize)?;
+        pair = if i > 0 && assignments[i - 1].token == a.token { pair + 1 } else { 0 };
+        let key = replica_key(first_pos, a.token as usize, pair);
+        let slot = plan.replica_for(layer, ExpertId(a.expert), key)?;
         let d = slot.rank.0 as usize;
         if d >= w {
             return Err(ParallelError::Layout {
