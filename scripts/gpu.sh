@@ -19,7 +19,11 @@ echo "gpu.sh: building test binaries (debug) and fathom-gpu-bench (release)" >&2
 json=$(cargo test -p fathom-kernels --test 'cuda_*' --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-kernels --test 'comm_nccl*' --no-run --message-format=json 2>/dev/null)
 json+=$'\n'$(cargo test -p fathom-worker --test 'cuda_model_*' --no-run --message-format=json 2>/dev/null)
-cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+# FATHOM_GPU_NO_OPS_BENCH=1 skips the (slow) release build of the op/GEMM bench: bench mode then
+# runs only the full-width layer bench and the HF peer.
+if [ -z "${FATHOM_GPU_NO_OPS_BENCH:-}" ]; then
+  cargo build --release -p fathom-kernels --bin fathom-gpu-bench >&2
+fi
 cargo build -p fathom --bin fathom >&2
 
 rm -rf "$dest/bin"
@@ -37,7 +41,9 @@ for line in sys.stdin:
   strip --strip-debug -o "$dest/bin/$name" "$exe"
   echo "gpu.sh: staged $name" >&2
 done
-strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+if [ -z "${FATHOM_GPU_NO_OPS_BENCH:-}" ]; then
+  strip --strip-debug -o "$dest/bin/fathom-gpu-bench" target/release/fathom-gpu-bench
+fi
 strip --strip-all -o "$dest/bin/fathom" target/debug/fathom
 cp /work/shared/tools/hf_peer_layer.py "$dest/hf_peer_layer.py" 2>/dev/null \
   || echo "gpu.sh: no /work/shared/tools/hf_peer_layer.py: the bench runs without the HF peer" >&2
@@ -106,11 +112,41 @@ if [ "$what" = cli ] || [ "$what" = all ]; then
       if [ "$mode" = "--temperature 0" ] && [ "$gpu" != "$want" ]; then echo "FAIL: generate $name: cuda greedy ids differ from golden"; fail=1; fi
     done
   done
+  # RL rollout output: routed experts of every fed row, GPU == CPU (greedy, JSON).
+  for c in "$FATHOM_GOLDEN_DIR"/*/; do
+    name=$(basename "$c")
+    prompt=$(python3 -c 'import json,sys; print(",".join(map(str,json.load(open(sys.argv[1]))["prompt_ids"])))' "$c/golden.json")
+    cpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 8 --ignore-eos --json --return-routed-experts --device cpu 2>>"$OUT/cli.log")
+    gpu=$("$here/bin/fathom" generate --model "$c" --prompt-ids "$prompt" --max-new-tokens 8 --ignore-eos --json --return-routed-experts --device cuda 2>>"$OUT/cli.log"); rc=$?
+    if [ "$rc" != 0 ] || [ -z "$gpu" ] || [ "$cpu" != "$gpu" ] || ! grep -q routed_experts <<<"$gpu"; then
+      echo "FAIL: generate $name --return-routed-experts: cuda differs from cpu"; echo "cpu=$cpu gpu=$gpu" >> "$OUT/cli.log"; fail=1
+    else echo "generate $name --return-routed-experts: cuda == cpu"; fi
+  done
+  # A served cluster on GPUs: fathom up with 2 workers (worker i on cuda:i), W=2 with T=1 and
+  # T=2, must stream the tokens of the same cluster on CPUs.
+  if [ "$gpus" -ge 2 ]; then
+    model="$FATHOM_GOLDEN_DIR/short_prompt"
+    for tp in 1 2; do
+      for dev in cpu cuda; do
+        r=$(timeout 120 "$here/bin/fathom" up --model "$model" --workers 2 --tp $tp --device $dev \
+            --prompt-ids 5,17,42,99 --max-new-tokens 8 --ignore-eos --json 2>>"$OUT/cli.log" | grep '^{')
+        eval "up_$dev=\"\$r\""
+      done
+      if [ -z "$up_cuda" ] || [ "$up_cuda" != "$up_cpu" ]; then echo "FAIL: fathom up W=2 T=$tp: cuda differs from cpu ($up_cuda vs $up_cpu)"; fail=1
+      else echo "fathom up W=2 T=$tp --device cuda == cpu: $up_cuda"; fi
+    done
+  else
+    echo "SKIP: fathom up W=2 on GPUs needs 2 GPUs, found $gpus"
+  fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
-  rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
-  cat "$OUT/bench.log"
+  if [ -x "$here/bin/fathom-gpu-bench" ]; then
+    "$here/bin/fathom-gpu-bench" --cache-dir /tmp/fathom-kernels --out-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1
+    rc=$?; echo "fathom-gpu-bench: rc=$rc"; [ "$rc" = 0 ] || fail=1
+    cat "$OUT/bench.log"
+  else
+    echo "fathom-gpu-bench: not staged (FATHOM_GPU_NO_OPS_BENCH): op/GEMM bench skipped"
+  fi
   # Full-width layers (ours), then the HF transformers peer on the same GPU in the same run.
   timeout 300 "$here/bin/cuda_model_bench" --ignored --nocapture --test-threads=1 > "$OUT/layer.log" 2>&1
   rc=$?; echo "cuda_model_bench: rc=$rc"; [ "$rc" = 0 ] || fail=1

@@ -174,11 +174,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if args.parallel.is_parallel() {
             bail!("--device {}: the GPU model runs one rank (W = 1) for now", args.device);
         }
-        if args.return_routed_experts {
-            bail!("--return-routed-experts: not available with --device {}", args.device);
-        }
         let keep = args.logits_topk.is_some() || args.return_logprobs;
-        let (generated, finish, logits) = generate_cuda(
+        let (generated, finish, logits, routed) = generate_cuda(
             ordinal,
             src,
             cfg,
@@ -186,9 +183,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &stop,
             &sampling,
             args.max_new_tokens,
-            keep,
+            (keep, args.return_routed_experts),
         )?;
-        return emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &logits, Vec::new());
+        return emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &logits, routed);
     }
     if args.parallel.is_parallel() {
         let job = crate::generate_parallel::Job {
@@ -247,8 +244,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     emit(&args, tokenizer.as_ref(), prompt_ids, generated, finish, &step_logits, routed)
 }
 
-/// Generated ids, finish reason, and (when kept) each step's logits.
-type Generated = (Vec<u32>, &'static str, Vec<Vec<f32>>);
+/// Generated ids, finish reason, (when kept) each step's logits, (when recorded) each fed
+/// row's routed experts per MoE layer.
+type Generated = (Vec<u32>, &'static str, Vec<Vec<f32>>, Vec<Vec<Vec<u32>>>);
 
 /// The generation loop on one GPU (`--device cuda[:N]`): the prompt in one prefill, then one
 /// token per step, sampled exactly as on the CPU. CUDA libraries come from the loader's path
@@ -262,7 +260,7 @@ fn generate_cuda(
     stop: &BTreeSet<u32>,
     sampling: &SamplingParams,
     max_new_tokens: usize,
-    keep_logits: bool,
+    (keep_logits, record_routing): (bool, bool),
 ) -> Result<Generated> {
     use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, open_gpu, precision_for};
     let lib_dirs: Vec<PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
@@ -278,12 +276,15 @@ fn generate_cuda(
     let model = CudaModel::load_with(dev, &src, cfg, kc.as_ref(), prec)?;
     drop(src);
     let mut cache = model.new_cache(1, max_ctx)?;
-    let opts = ForwardOptions { logits: LogitsMode::LastPerSeq, ..Default::default() };
+    let opts =
+        ForwardOptions { logits: LogitsMode::LastPerSeq, record_routing, ..Default::default() };
     let (mut tokens, mut generated, mut kept) = (prompt_ids.to_vec(), Vec::new(), Vec::new());
+    let mut routed = Vec::new();
     let mut pos = 0;
     while generated.len() < max_new_tokens {
         let seq = CudaSeqInput { tokens: &tokens[pos..], start_pos: pos, slot: 0 };
         let out = model.forward(&[seq], &mut cache, &opts)?;
+        routed.extend(out.routed_experts);
         pos = tokens.len();
         let next = sample(&out.logits, sampling, generated.len() as u64)?.token;
         if keep_logits {
@@ -292,10 +293,10 @@ fn generate_cuda(
         generated.push(next);
         tokens.push(next);
         if stop.contains(&next) {
-            return Ok((generated, "stop", kept));
+            return Ok((generated, "stop", kept, routed));
         }
     }
-    Ok((generated, "length", kept))
+    Ok((generated, "length", kept, routed))
 }
 
 /// Prints the result (JSON, text, or ids). `step_logits[i]` is the distribution that produced

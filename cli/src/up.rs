@@ -54,6 +54,7 @@ pub struct UpArgs {
     /// etcd client URL for membership (default: workers given to the coordinator directly).
     #[arg(long)]
     pub etcd: Option<String>,
+    /// `cpu`, `cuda` (with several workers: worker i on GPU i) or `cuda:N` (every worker on GPU N).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Send one prompt, print the streamed answer and timings, then shut down.
@@ -121,6 +122,16 @@ struct Children {
     workers: Vec<WorkerProc>,
     /// Metrics and telemetry flags every worker gets.
     extra_args: Vec<String>,
+    /// `--device` of each worker id ([`worker_device`]).
+    devices: std::collections::HashMap<String, String>,
+}
+
+/// The `--device` worker `index` of `workers` gets from `fathom up --device D`: a bare `cuda`
+/// with several workers means one GPU per worker, `cuda:<index>` (a machine with fewer GPUs
+/// makes the extra workers fail at start in one line); anything else (`cpu`, `cuda:N`) is
+/// passed to every worker as is.
+pub fn worker_device(device: &str, index: usize, workers: usize) -> String {
+    if device == "cuda" && workers > 1 { format!("cuda:{index}") } else { device.to_string() }
 }
 
 /// The flags `fathom up` passes on to each worker: a free metrics port when the coordinator
@@ -152,6 +163,9 @@ impl Children {
             cmd.args(["--registry", r]);
         }
         cmd.args(&self.extra_args);
+        if let Some(d) = self.devices.get(id) {
+            cmd.args(["--device", d]);
+        }
         let child =
             cmd.stdin(Stdio::null()).spawn().with_context(|| format!("spawning worker {id}"))?;
         say!("fathom: worker {id} pid {} on {addr}", child.id());
@@ -280,6 +294,11 @@ pub fn run(args: &UpArgs, cache: &Path, telemetry: &TelemetryArgs) -> Result<()>
         restart: !args.no_restart,
         workers: Vec::new(),
         extra_args: worker_extra_args(args, telemetry),
+        devices: workers
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (id.clone(), worker_device(&args.device, i, args.workers)))
+            .collect(),
     };
     // Workers register through membership: etcd with `--etcd`, else the coordinator's own
     // in-memory registry (the coordinator starts first so its address is known).
@@ -424,5 +443,19 @@ async fn stop_workers(addrs: &[String]) {
                 .ok()
         };
         let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_device;
+
+    #[test]
+    fn bare_cuda_gives_each_worker_its_gpu() {
+        assert_eq!(worker_device("cuda", 0, 2), "cuda:0");
+        assert_eq!(worker_device("cuda", 1, 2), "cuda:1");
+        assert_eq!(worker_device("cuda", 0, 1), "cuda");
+        assert_eq!(worker_device("cuda:1", 0, 2), "cuda:1");
+        assert_eq!(worker_device("cpu", 1, 2), "cpu");
     }
 }

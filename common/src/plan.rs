@@ -17,11 +17,10 @@
 //!   `floor(r·E/W) <= e < floor((r+1)·E/W)` (contiguous, as DeepSeek's reference), in slot
 //!   `e - floor(r·E/W)`; that first (primary) replica is listed first. Redundant replicas go in
 //!   the rank's remaining slots, at most `redundant_slots_per_rank` of them per rank.
-//! - **Replica choice** ([`ParallelPlan::replica_for`]): the routing rank numbers the tokens it
-//!   sends to expert `e` (`i`: a per-expert counter, offset by the routing rank and the step so
-//!   that single tokens also rotate — worker `parallel::moe`) and token `i` goes to
+//! - **Replica choice** ([`ParallelPlan::replica_for`]): a token with key `i` (chosen by the
+//!   routing rank, worker `parallel::moe::replica_key`) sent to expert `e` goes to
 //!   `replicas(e)[i mod replicas(e).len()]` — deterministic, no communication, spreads a hot
-//!   expert's tokens evenly over its replicas (the split `load::rank_loads` models).
+//!   expert's tokens evenly over its replicas.
 //!
 //! Invariants ([`ParallelPlan::validate`]): T ≥ 1 divides W and the head count; every expert of
 //! every layer has ≥ 1 replica; no rank holds two replicas of one expert; slot indices are below

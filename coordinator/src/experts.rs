@@ -434,11 +434,9 @@ impl ExpertsHandle {
         let mut per_rank = vec![vec![0u64; world]; layers.len()];
         let mut any = false;
         for r in results {
-            if r.expert_tokens.len() == routed.len() {
-                for (s, &c) in routed.iter_mut().zip(&r.expert_tokens) {
-                    *s += u64::from(c);
-                    any |= c > 0;
-                }
+            match add_step_expert_tokens(r, &mut routed) {
+                Ok(added) => any |= added,
+                Err(e) => tracing::warn!(rank = r.rank, "expert counters ignored: {e}"),
             }
             if r.placement_version == version
                 && r.rank_expert_tokens.len() == layers.len()
@@ -620,6 +618,61 @@ impl ExpertsHandle {
             self.notify.notify_one();
         }
         Ok(summary)
+    }
+}
+
+/// Adds one rank's expert counters of one step (worker.proto `StepResult`: dense
+/// `expert_tokens`, or sparse `(gap, count)` pairs in `expert_token_runs` over
+/// `expert_token_cells` cells) into `routed` (`[moe_layers][experts]` flattened). Returns whether
+/// any token was counted; a result with neither field adds nothing. Counters of another shape, a
+/// result carrying both encodings, or malformed pairs are refused whole (nothing is added).
+pub(crate) fn add_step_expert_tokens(r: &StepResult, routed: &mut [u64]) -> Result<bool, String> {
+    let (dense, runs) = (&r.expert_tokens, &r.expert_token_runs);
+    match (dense.is_empty(), runs.is_empty()) {
+        (true, true) => Ok(false),
+        (false, false) => Err("both expert_tokens and expert_token_runs are set".into()),
+        (false, true) => {
+            if dense.len() != routed.len() {
+                return Err(format!("{} dense cells, expected {}", dense.len(), routed.len()));
+            }
+            let mut any = false;
+            for (s, &c) in routed.iter_mut().zip(dense) {
+                *s += u64::from(c);
+                any |= c > 0;
+            }
+            Ok(any)
+        }
+        (true, false) => {
+            if r.expert_token_cells as usize != routed.len() {
+                return Err(format!(
+                    "expert_token_runs over {} cells, expected {}",
+                    r.expert_token_cells,
+                    routed.len()
+                ));
+            }
+            if runs.len() % 2 != 0 {
+                return Err(format!("expert_token_runs has odd length {}", runs.len()));
+            }
+            // Validate every pair before adding any.
+            let mut cells = Vec::with_capacity(runs.len() / 2);
+            let mut next = 0usize;
+            for (pair, gc) in runs.chunks_exact(2).enumerate() {
+                let index = next + gc[0] as usize;
+                if index >= routed.len() || gc[1] == 0 {
+                    return Err(format!(
+                        "expert_token_runs pair {pair}: cell {index} count {} (cells {})",
+                        gc[1],
+                        routed.len()
+                    ));
+                }
+                cells.push((index, gc[1]));
+                next = index + 1;
+            }
+            for (index, c) in cells {
+                routed[index] += u64::from(c);
+            }
+            Ok(true)
+        }
     }
 }
 

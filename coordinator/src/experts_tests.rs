@@ -214,3 +214,55 @@ fn a_shrunk_epoch_carries_the_placement_onto_the_survivors() {
     }
     assert_eq!(h.snapshot().world_size, 3);
 }
+
+/// `skewed_results` with the counters sent sparse: (gap, count) pairs of the non-zero cells.
+fn sparse(mut results: Vec<StepResult>) -> Vec<StepResult> {
+    for r in &mut results {
+        let mut runs = Vec::new();
+        let mut next = 0;
+        for (i, &c) in r.expert_tokens.iter().enumerate() {
+            if c > 0 {
+                runs.extend([(i - next) as u32, c]);
+                next = i + 1;
+            }
+        }
+        r.expert_token_cells = r.expert_tokens.len() as u32;
+        r.expert_token_runs = runs;
+        r.expert_tokens.clear();
+    }
+    results
+}
+
+#[test]
+fn sparse_counters_read_as_dense_and_malformed_ones_add_nothing() {
+    let (dense, _) = handle(2, Some(0));
+    let (sp, _) = handle(2, Some(0));
+    dense.record_results(&skewed_results(&dense, 5, 0));
+    let sparse_results = sparse(skewed_results(&sp, 5, 0));
+    assert!(sparse_results[0].expert_token_runs.len() < 2 * 64, "sparse on the wire");
+    sp.record_results(&sparse_results);
+    let (a, b) = (dense.snapshot(), sp.snapshot());
+    assert_eq!(b.window_steps, 1);
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(la.tokens, lb.tokens);
+        assert_eq!(la.rank_tokens, lb.rank_tokens);
+    }
+    // Malformed: refused whole, named.
+    let cells = sparse_results[0].expert_token_cells as usize;
+    let mut routed = vec![0u64; cells];
+    let bad = |f: &dyn Fn(&mut StepResult)| {
+        let mut r = sparse_results[0].clone();
+        f(&mut r);
+        add_step_expert_tokens(&r, &mut vec![0u64; cells]).unwrap_err()
+    };
+    assert!(bad(&|r| r.expert_token_runs.push(1)).contains("odd"));
+    assert!(bad(&|r| r.expert_token_cells += 1).contains("cells"));
+    assert!(bad(&|r| r.expert_tokens = vec![1]).contains("both"));
+    assert!(bad(&|r| r.expert_token_runs[1] = 0).contains("pair 0"));
+    assert!(bad(&|r| *r.expert_token_runs.last_mut().unwrap() = 0).contains("pair"));
+    let mut far = sparse_results[0].clone();
+    far.expert_token_runs.extend([cells as u32, 1]);
+    assert!(add_step_expert_tokens(&far, &mut routed).is_err());
+    assert!(routed.iter().all(|&c| c == 0), "nothing added from a refused result");
+    assert_eq!(add_step_expert_tokens(&StepResult::default(), &mut routed), Ok(false));
+}

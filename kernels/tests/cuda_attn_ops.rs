@@ -267,11 +267,16 @@ fn routed_experts_match_cpu() {
         (dev.upload(&x).unwrap(), dev.upload(&ids).unwrap(), dev.upload(&w).unwrap());
     let (w13d, w2d) = (dev.upload(&w13).unwrap(), dev.upload(&w2).unwrap());
     let mut od = dev.upload(&vec![bf16::NAN; s.tokens * d]).unwrap();
-    moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &s).unwrap();
-    let got = to_f32(&dev.download(&od).unwrap());
-    let e = rel_err(&got, &want);
-    eprintln!("err moe_experts_bf16: rel {e:.2e}");
-    assert!(e < 2e-2, "experts rel err {e}");
+    for grouped in [true, false] {
+        scratch.grouped = grouped;
+        od = dev.upload(&vec![bf16::NAN; s.tokens * d]).unwrap();
+        moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &s)
+            .unwrap();
+        let got = to_f32(&dev.download(&od).unwrap());
+        let e = rel_err(&got, &want);
+        eprintln!("err moe_experts_bf16 (grouped GEMM: {grouped}): rel {e:.2e}");
+        assert!(e < 2e-2, "experts (grouped {grouped}) rel err {e}");
+    }
     // Plan invariants: counts sum to the valid pairs; each expert's rows are in pair order.
     let counts = dev.download(&scratch.counts).unwrap();
     assert_eq!(counts.iter().sum::<i32>() as usize, s.tokens * s.top_k - 1);
@@ -282,4 +287,159 @@ fn routed_experts_match_cpu() {
         moe_experts_bf16(&dev, &blas, &xd, &idd, &wd, &w13d, &w2d, &mut od, &mut scratch, &big)
             .is_err()
     );
+}
+
+/// The model's form of the indexer: query rows share one key cache and find their keys at
+/// `base[b]` (the sequence's slot); bad bases score nothing instead of reading out of bounds.
+#[test]
+fn indexer_scores_over_a_shared_cache_match_cpu() {
+    let Some((dev, _c)) = gpu("indexer_scores_over_a_shared_cache_match_cpu") else { return };
+    let mut rng = Rng::new(31);
+    for &(heads, dim) in &[(64usize, 128usize), (16, 16), (13, 32), (16, 64)] {
+        let (slots, max_ctx) = (4usize, 700usize);
+        let n_rows = slots * max_ctx;
+        // rows: two rows of slot 2 (prefill-like), one of slot 0, one of slot 3, then a
+        // negative base and a base whose block runs past the cache (both must give all -inf).
+        let bases = [1400i32, 1400, 0, 2100, -5, 2101];
+        let lens = [300i32, 301, 700, 1, 10, 10];
+        let batch = bases.len();
+        let q = rng.bf16_vec(batch * heads * dim, 1.0);
+        let w: Vec<f32> = (0..batch * heads).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let keys = rng.bf16_vec(n_rows * dim, 1.0);
+        let (qd, wd, kd) =
+            (dev.upload(&q).unwrap(), dev.upload(&w).unwrap(), dev.upload(&keys).unwrap());
+        let (bd, ld) = (dev.upload(&bases).unwrap(), dev.upload(&lens).unwrap());
+        let mut od = dev.upload(&vec![f32::NAN; batch * max_ctx]).unwrap();
+        dev.ops()
+            .indexer_scores_bf16_rows(
+                &qd,
+                &wd,
+                &kd,
+                n_rows,
+                &bd,
+                &ld,
+                &mut od,
+                (batch, heads, dim, max_ctx),
+            )
+            .unwrap();
+        let got = dev.download(&od).unwrap();
+        let (qf, kf) = (to_f32(&q), to_f32(&keys));
+        let mut emax = 0f32;
+        for b in 0..batch {
+            let g = &got[b * max_ctx..(b + 1) * max_ctx];
+            let base = bases[b];
+            let len =
+                if base < 0 || base as usize + max_ctx > n_rows { 0 } else { lens[b] as usize };
+            let mut want = vec![0f32; len];
+            if len > 0 {
+                let k0 = base as usize * dim;
+                cpu::indexer::indexer_scores(
+                    &qf[b * heads * dim..(b + 1) * heads * dim],
+                    &w[b * heads..(b + 1) * heads],
+                    &kf[k0..k0 + len * dim],
+                    heads,
+                    dim,
+                    &mut want,
+                );
+            }
+            for s in 0..len {
+                emax = emax.max((g[s] - want[s]).abs() / want[s].abs().max(1.0));
+            }
+            assert!(g[len..].iter().all(|&v| v == f32::NEG_INFINITY), "row {b}: past len not -inf");
+        }
+        eprintln!("err indexer_scores_bf16_rows heads={heads} dim={dim}: max {emax:.2e}");
+        assert!(emax <= 1e-4, "indexer rows heads={heads} dim={dim}: max err {emax}");
+    }
+}
+
+/// The indexer's FP8 path: Hadamard rotation + ue8m0 e4m3 quantisation bit-exact against the
+/// CPU twin (also when scattered into cache rows, skipping rows outside the cache), and the e4m3
+/// MMA scores over a shared cache within 1e-4 of the CPU twin's fp32 sums.
+#[test]
+fn indexer_fp8_path_matches_cpu() {
+    let Some((dev, _c)) = gpu("indexer_fp8_path_matches_cpu") else { return };
+    let mut rng = Rng::new(41);
+    for &(heads, dim) in &[(64usize, 128usize), (16, 16), (13, 32), (16, 64)] {
+        let (slots, max_ctx) = (3usize, 600usize);
+        let n_rows = slots * max_ctx;
+        let bases = [600i32, 600, 0, 1200, -1, 1201];
+        let lens = [250i32, 251, 600, 1, 10, 10];
+        let batch = bases.len();
+        let mut uni = |n: usize, s: f32| (0..n).map(|_| rng.uniform(-s, s)).collect::<Vec<f32>>();
+        let q = uni(batch * heads * dim, 2.0);
+        let w = uni(batch * heads, 1.0);
+        let keys = uni(n_rows * dim, 3.0);
+        let ops = dev.ops();
+        // q: plain form.
+        let qd = dev.upload(&q).unwrap();
+        let mut q8 = dev.upload(&vec![0u8; batch * heads * dim]).unwrap();
+        let mut sq = dev.upload(&vec![f32::NAN; batch * heads]).unwrap();
+        ops.indexer_rotate_quant_fp8(
+            &qd,
+            None,
+            &mut q8,
+            &mut sq,
+            batch * heads,
+            dim,
+            batch * heads,
+        )
+        .unwrap();
+        let (want_q8, want_sq) = cpu::indexer_fp8::rotate_quant_fp8(&q, dim);
+        assert_eq!(dev.download(&q8).unwrap(), want_q8, "q codes heads={heads} dim={dim}");
+        assert_eq!(dev.download(&sq).unwrap(), want_sq, "q scales heads={heads} dim={dim}");
+        // keys: scattered in reverse row order through dst, plus two rows that must be skipped.
+        let n_src = n_rows + 2;
+        let mut src = keys.clone();
+        src.extend(uni(2 * dim, 1.0));
+        let mut dst: Vec<i32> = (0..n_rows as i32).rev().collect();
+        dst.extend([-1, n_rows as i32]);
+        let mut reordered = vec![0f32; n_rows * dim];
+        for (v, &r) in dst.iter().enumerate().take(n_rows) {
+            reordered[r as usize * dim..(r as usize + 1) * dim]
+                .copy_from_slice(&src[v * dim..(v + 1) * dim]);
+        }
+        let (sd, dd) = (dev.upload(&src).unwrap(), dev.upload(&dst).unwrap());
+        let mut k8 = dev.upload(&vec![0u8; n_rows * dim]).unwrap();
+        let mut sk = dev.upload(&vec![f32::NAN; n_rows]).unwrap();
+        ops.indexer_rotate_quant_fp8(&sd, Some(&dd), &mut k8, &mut sk, n_src, dim, n_rows).unwrap();
+        let (want_k8, want_sk) = cpu::indexer_fp8::rotate_quant_fp8(&reordered, dim);
+        let (got_k8, got_sk) = (dev.download(&k8).unwrap(), dev.download(&sk).unwrap());
+        assert_eq!(got_k8, want_k8, "key codes heads={heads} dim={dim}");
+        assert_eq!(got_sk, want_sk, "key scales heads={heads} dim={dim}");
+        // Scores.
+        let (wd, bd, ld) =
+            (dev.upload(&w).unwrap(), dev.upload(&bases).unwrap(), dev.upload(&lens).unwrap());
+        let mut od = dev.upload(&vec![f32::NAN; batch * max_ctx]).unwrap();
+        let shape = (batch, heads, dim, max_ctx);
+        ops.indexer_scores_fp8_rows(&q8, &sq, &wd, &k8, &sk, n_rows, &bd, &ld, &mut od, shape)
+            .unwrap();
+        let got = dev.download(&od).unwrap();
+        let mut emax = 0f32;
+        for b in 0..batch {
+            let g = &got[b * max_ctx..(b + 1) * max_ctx];
+            let base = bases[b];
+            let len =
+                if base < 0 || base as usize + max_ctx > n_rows { 0 } else { lens[b] as usize };
+            let mut want = vec![0f32; len];
+            if len > 0 {
+                let r0 = base as usize;
+                cpu::indexer_fp8::indexer_scores_fp8(
+                    &want_q8[b * heads * dim..(b + 1) * heads * dim],
+                    &want_sq[b * heads..(b + 1) * heads],
+                    &w[b * heads..(b + 1) * heads],
+                    &want_k8[r0 * dim..(r0 + len) * dim],
+                    &want_sk[r0..r0 + len],
+                    heads,
+                    dim,
+                    &mut want,
+                );
+            }
+            for s in 0..len {
+                emax = emax.max((g[s] - want[s]).abs() / want[s].abs().max(1.0));
+            }
+            assert!(g[len..].iter().all(|&v| v == f32::NEG_INFINITY), "row {b}: past len not -inf");
+        }
+        eprintln!("err indexer_scores_fp8_rows heads={heads} dim={dim}: max {emax:.2e}");
+        assert!(emax <= 1e-4, "indexer fp8 heads={heads} dim={dim}: max err {emax}");
+    }
 }

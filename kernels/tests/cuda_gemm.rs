@@ -5,7 +5,9 @@
 mod cuda_common;
 
 use cuda_common::{Rng, gpu, reference, rel_err, to_f32};
-use fathom_kernels::cuda::{ActScaleLayout, BlasGemm, CudaDevice, Fp8Gemm, WeightScaleLayout};
+use fathom_kernels::cuda::{
+    ActScaleLayout, BlasGemm, CudaDevice, Fp8Gemm, StridedGemm, WeightScaleLayout,
+};
 use half::bf16;
 
 #[test]
@@ -25,6 +27,112 @@ fn bf16_gemm_matches_the_cpu_reference() {
         let err = rel_err(&y, &want);
         assert!(err < 1e-2, "bf16 gemm m={m} n={n} k={k}: rel err {err}");
     }
+}
+
+/// fp32 GEMM (cuBLAS SGEMM, no TF32): 1e-5 relative against the f64 product.
+#[test]
+fn f32_gemm_matches_the_cpu_reference() {
+    let Some((dev, _cache)) = gpu("f32_gemm_matches_the_cpu_reference") else { return };
+    let blas = BlasGemm::new(&dev).unwrap();
+    let mut rng = Rng::new(22);
+    for &(m, n, k) in &[(1usize, 1536usize, 7168usize), (64, 256, 7168), (5, 33, 300)] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.uniform(-0.05, 0.05)).collect();
+        let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+        let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+        blas.gemm_f32(&xd, &wd, &mut yd, m, n, k, 0.5).unwrap();
+        let y = dev.download(&yd).unwrap();
+        let want: Vec<f32> =
+            reference::matmul_nt(&x, &w, m, n, k).iter().map(|v| 0.5 * v).collect();
+        let err = rel_err(&y, &want);
+        eprintln!("gemm_f32 m={m} n={n} k={k}: rel err {err:.2e}");
+        assert!(err < 1e-5, "f32 gemm m={m} n={n} k={k}: rel err {err} (TF32 would be ~1e-3)");
+    }
+    let (xd, wd) = (dev.upload(&[1f32; 6]).unwrap(), dev.upload(&[1f32; 6]).unwrap());
+    let mut yd = dev.upload(&[0f32; 3]).unwrap();
+    assert!(blas.gemm_f32(&xd, &wd, &mut yd, 2, 2, 3, 1.0).is_err(), "short y must be refused");
+}
+
+/// The MLA absorption's form: per head h, `qa[r, h, 0..kl] = q[r, h, 0..nope] · W_UK_h`, strided
+/// views into interleaved buffers; and the bounds check refuses a batch that would overrun.
+#[test]
+fn strided_batched_bf16_gemm_matches_the_cpu_reference() {
+    let Some((dev, _cache)) = gpu("strided_batched_bf16_gemm_matches_the_cpu_reference") else {
+        return;
+    };
+    let blas = BlasGemm::new(&dev).unwrap();
+    let mut rng = Rng::new(23);
+    let (n, nh, nh_pad, nope, rope, v, kl) =
+        (5usize, 3usize, 4usize, 16usize, 8usize, 16usize, 32usize);
+    let (qk, lat) = (nope + rope, kl + rope);
+    let q = rng.bf16_vec(n * nh * qk, 1.0);
+    let kv_b = rng.bf16_vec(nh * (nope + v) * kl, 0.2);
+    let (qd, kd) = (dev.upload(&q).unwrap(), dev.upload(&kv_b).unwrap());
+    let mut qa = dev.upload(&vec![bf16::from_f32(-7.0); n * nh_pad * lat]).unwrap();
+    let s = StridedGemm {
+        trans_a: false,
+        trans_b: false,
+        m: kl,
+        n,
+        k: nope,
+        lda: kl,
+        ldb: nh * qk,
+        ldc: nh_pad * lat,
+        stride_a: (nope + v) * kl,
+        stride_b: qk,
+        stride_c: lat,
+        batch: nh,
+    };
+    blas.gemm_bf16_strided_batched(&s, &kd, &qd, &mut qa).unwrap();
+    let got = to_f32(&dev.download(&qa).unwrap());
+    let (qf, kf) = (to_f32(&q), to_f32(&kv_b));
+    let (mut num, mut den) = (0f64, 0f64);
+    for r in 0..n {
+        for h in 0..nh_pad {
+            for c in 0..lat {
+                let g = got[(r * nh_pad + h) * lat + c];
+                if h >= nh || c >= kl {
+                    assert_eq!(
+                        g, -7.0,
+                        "r {r} h {h} c {c}: outside the GEMM's columns was written"
+                    );
+                    continue;
+                }
+                let want: f64 = (0..nope)
+                    .map(|t| {
+                        f64::from(qf[(r * nh + h) * qk + t])
+                            * f64::from(kf[(h * (nope + v) + t) * kl + c])
+                    })
+                    .sum();
+                num += (f64::from(g) - want).powi(2);
+                den += want.powi(2);
+            }
+        }
+    }
+    let err = (num / den).sqrt();
+    eprintln!("strided batched bf16 (absorb form): rel err {err:.2e}");
+    assert!(err < 1e-2, "strided batched bf16: rel err {err}");
+    // Unabsorb form (op T on A) over a view that starts inside the buffer: refuse one head more
+    // than the view holds.
+    let ol = dev.upload(&rng.bf16_vec(n * nh_pad * kl, 1.0)).unwrap();
+    let mut oh = dev.upload(&vec![bf16::ZERO; n * nh * v]).unwrap();
+    let mut u = StridedGemm {
+        trans_a: true,
+        trans_b: false,
+        m: v,
+        n,
+        k: kl,
+        lda: kl,
+        ldb: nh_pad * kl,
+        ldc: nh * v,
+        stride_a: (nope + v) * kl,
+        stride_b: kl,
+        stride_c: v,
+        batch: nh,
+    };
+    blas.gemm_bf16_strided_batched(&u, &kd.slice(nope * kl..), &ol, &mut oh).unwrap();
+    u.batch = nh + 1;
+    assert!(blas.gemm_bf16_strided_batched(&u, &kd.slice(nope * kl..), &ol, &mut oh).is_err());
 }
 
 /// Scales for the weight blocks: powers of two times a factor, spread over 2^-4..2^4 so that a

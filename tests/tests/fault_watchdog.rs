@@ -1,6 +1,9 @@
 //! Step watchdog (issue 10): a worker stopped with SIGSTOP during streaming is named by the
 //! watchdog (ClusterStatus.watchdog: the rank that did not answer, with its last reported
-//! phase; its WorkerStatus detail) within the watchdog deadline, instead of a silent hang.
+//! layer and phase; its WorkerStatus detail) within the watchdog deadline, instead of a silent
+//! hang. SIGSTOP lands at a random point, so the stopped rank's phase is any of the known set
+//! (`queued` between steps, `started`, or `layer L <phase>` mid-step); the rank left running is
+//! then blocked in the next MoE all-to-all waiting for it, and must name that layer and phase.
 //! SIGCONT resolves it (the step completes, the stream continues in the same epoch); a second
 //! stop followed by SIGKILL resolves through recovery (the epoch is fenced, the stream resumes
 //! on a new epoch once the worker is back). Every stream ends equal to an undisturbed run.
@@ -12,6 +15,12 @@ use fathom_proto::v1::{ClusterState, ClusterStatusResponse};
 use std::time::{Duration, Instant};
 
 const WATCHDOG_MS: u64 = 1500;
+
+/// Every phase a report may name (worker.proto `StepProgress`, plus the watchdog's `queued`).
+const PHASES: [&str; 9] =
+    ["queued", "started", "attention", "ffn", "dispatch", "experts", "combine", "head", "sample"];
+/// The phases inside a layer: reported with the layer's index, the others with -1.
+const LAYER_PHASES: [&str; 5] = ["attention", "ffn", "dispatch", "experts", "combine"];
 
 /// Waits for a watchdog report newer than `after` reports that names `rank`.
 async fn wait_report(c: &Cluster, rank: u32, after: usize) -> (ClusterStatusResponse, Duration) {
@@ -74,8 +83,28 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
     let r = &s.watchdog[0];
     assert_eq!(r.epoch, s.epoch);
     assert!(r.stalled_ms >= WATCHDOG_MS - 100, "{r:?}");
+    for m in &r.missing {
+        eprintln!("WATCHDOG rank {} reported at layer {} phase {:?}", m.rank, m.layer, m.phase);
+        assert!(PHASES.contains(&m.phase.as_str()), "unknown phase: {m:?}");
+        let in_layer = LAYER_PHASES.contains(&m.phase.as_str());
+        assert_eq!(m.layer >= 0, in_layer, "a layer phase, and only it, names its layer: {m:?}");
+    }
+    // Rank 0 runs on: every step's layers hold collectives over both ranks (the MoE
+    // all-to-alls; the attention all-reduce when T = 2), so it waits for the stopped rank inside
+    // a layer (for ≫ the 100 ms progress sampling) and says where.
+    let r0 = r
+        .missing
+        .iter()
+        .find(|m| m.rank == 0)
+        .unwrap_or_else(|| panic!("rank 0 waits for rank 1: {r:?}"));
+    assert!(
+        LAYER_PHASES.contains(&r0.phase.as_str()) && r0.layer >= 0,
+        "rank 0 names the layer and phase it waits in: {r0:?}"
+    );
     let w1 = s.workers.iter().find(|w| w.worker_id == "w1").expect("w1 in status");
     assert!(w1.detail.contains("watchdog"), "{w1:?}");
+    let w0 = s.workers.iter().find(|w| w.worker_id == "w0").expect("w0 in status");
+    assert!(w0.detail.contains(&format!("layer {} ", r0.layer)), "{w0:?}");
     let epoch = s.epoch;
     eprintln!("first report after {:?}", t0.elapsed());
     signal(pid, "CONT");

@@ -426,21 +426,29 @@ async fn one_trace_spans_coordinator_and_workers_with_parent_links() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_exactly_what_was_served() {
-    metrics_check(1).await;
+    metrics_check(2, 1).await;
 }
 
 /// T = 2: the group's routing is gathered on both ranks; only the group's rank 0 counts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_each_token_once_with_tensor_parallel_groups() {
-    metrics_check(2).await;
+    metrics_check(2, 2).await;
 }
 
-/// Two workers with tensor-parallel size `tp`: counters move by exactly what was served.
-async fn metrics_check(tp: usize) {
+/// W = 1 (the single-rank executor): its MoE layers count the tokens themselves; no request
+/// here asks for routed experts, so nothing records routing and the counters still move by
+/// exactly tokens fed × top_k × MoE layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_expert_tokens_on_one_rank() {
+    metrics_check(1, 1).await;
+}
+
+/// `workers` workers with tensor-parallel size `tp`: counters move by exactly what was served.
+async fn metrics_check(workers: usize, tp: usize) {
     let tp_flag: &'static str = if tp == 1 { "--tp=1" } else { "--tp=2" };
     let setup = Setup { coordinator_flags: vec![tp_flag], ..Default::default() };
-    let procs = Procs::start(2, &setup).expect("cluster");
-    let groups = (2 / tp) as f64;
+    let procs = Procs::start(workers, &setup).expect("cluster");
+    let groups = (workers / tp) as f64;
     let cfg = fathom_common::ModelConfig::tiny();
     let per_token = (cfg.num_experts_per_tok * cfg.num_moe_layers()) as f64;
     assert!(per_token > 0.0, "the tiny model has MoE layers");
@@ -454,8 +462,9 @@ async fn metrics_check(tp: usize) {
     for w in &w0 {
         assert_eq!((get(w, "fathom_epoch"), get(w, "fathom_worker_up")), (1.0, 1.0));
     }
-    assert_eq!(get(&c0, "fathom_worker_up{worker=\"w0\"}"), 1.0);
-    assert_eq!(get(&c0, "fathom_worker_up{worker=\"w1\"}"), 1.0);
+    for i in 0..workers {
+        assert_eq!(get(&c0, &format!("fathom_worker_up{{worker=\"w{i}\"}}")), 1.0);
+    }
 
     let mut client = procs.client().await.unwrap();
     let cases: [(usize, u32); 3] = [(3, 5), (11, 1), (24, 7)];

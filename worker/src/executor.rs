@@ -91,10 +91,21 @@ pub trait Executor: Send + std::fmt::Debug {
     }
 
     /// What the last executed step adds to its `StepResult`: expert-load counters and
-    /// placement versions (issue 9, `crate::experts`). Default: nothing.
+    /// placement versions (issue 9, `crate::experts`). Default: nothing. An executor whose MoE
+    /// layers count ([`StepLoad`](crate::model::StepLoad), e.g. from `forward_counted`) returns
+    /// [`crate::experts::StepReport::with_load`] here and the same counts as
+    /// [`expert_tally_of_load`] in [`take_report`](Self::take_report).
     fn step_report(&mut self) -> crate::experts::StepReport {
         crate::experts::StepReport::default()
     }
+    /// Where the running step is (layer and phase, written by the forward while
+    /// [`execute`](Self::execute) runs), for the service to report to the coordinator's
+    /// watchdog (`step_progress`). Fetched before each step, so it must not need `execute` to
+    /// have returned. Default: not tracked (the watchdog then only knows `started`).
+    fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+        None
+    }
+
     /// What the last [`execute`](Self::execute) measured (phase times, expert routing counts);
     /// taken once per step by the service for its metrics. Default: nothing measured.
     fn take_report(&mut self) -> crate::metrics::StepReport {
@@ -102,31 +113,17 @@ pub trait Executor: Send + std::fmt::Debug {
     }
 }
 
-/// [`forward_options`] with routing always recorded, for the expert token counters (the
-/// sequences' own `routed_experts` outputs still follow their `SeqOutputs`).
-pub(crate) fn forward_options_counting(seqs: &[SeqStep]) -> ForwardOptions {
-    // Identical on every rank of a group (same sequences), as the routing gather requires.
-    ForwardOptions { record_routing: !seqs.is_empty(), ..forward_options(seqs) }
-}
-
 /// The expert tally of a rank's step counters (`routed`: `[moe_layers][experts]` flattened, as
-/// `parallel::StepLoad::routed`); `None` for a model without MoE layers.
+/// [`StepLoad::routed`](crate::model::StepLoad)); `None` for a model without MoE layers. Every
+/// executor that counts in its MoE layers (one-rank, sharded; the GPU executor once its layers
+/// count) feeds its metrics through this, and its `StepResult` through
+/// [`crate::experts::StepReport::with_load`].
 pub(crate) fn expert_tally_of_load(
     cfg: &ModelConfig,
     routed: &[u32],
 ) -> Option<crate::metrics::ExpertTally> {
     let mut t = crate::metrics::ExpertTally::for_model(cfg)?;
     t.add_counts(routed);
-    Some(t)
-}
-
-/// The expert tally of one forward's recorded routing (`None` for a model without MoE layers).
-pub(crate) fn expert_tally(
-    cfg: &ModelConfig,
-    out: &ForwardOutput,
-) -> Option<crate::metrics::ExpertTally> {
-    let mut t = crate::metrics::ExpertTally::for_model(cfg)?;
-    t.add_routing(&out.routed_experts);
     Some(t)
 }
 
@@ -352,9 +349,11 @@ impl ExecutorFactory for DefaultFactory {
     }
 }
 
+pub mod expert_wire;
 pub mod progress;
 pub mod routing;
 pub mod sharded;
+pub mod step_progress;
 
 /// Values of the main model's tensors (MTP layers and FP8 scales excluded): the weight-loading
 /// progress total of a whole-model load.
@@ -423,6 +422,8 @@ pub mod single {
                 cost,
                 report: StepReport::default(),
                 carry: Default::default(),
+                placement_version: plan.placement_version,
+                experts_report: Default::default(),
             }))
         }
     }
@@ -436,6 +437,10 @@ pub mod single {
         cost: super::PrepareCost,
         report: StepReport,
         carry: super::routing::RoutingCarry,
+        /// The plan's placement version (one rank holds every expert: it never changes).
+        placement_version: u64,
+        /// The last step's load counters, for its `StepResult`.
+        experts_report: crate::experts::StepReport,
     }
 
     impl Executor for SingleRankExecutor {
@@ -447,13 +452,18 @@ pub mod single {
                 return Ok(Vec::new());
             }
             let inputs = super::seq_inputs(&group.seqs);
-            let opts = super::forward_options_counting(&group.seqs);
+            // Routing is recorded only when a sequence asked for it; the load counters come
+            // from the MoE layers themselves.
+            let opts = super::forward_options(&group.seqs);
             let t0 = Instant::now();
-            let out = tracing::trace_span!("forward", tokens = inputs.len())
-                .in_scope(|| self.model.forward(&inputs, &mut self.cache, &opts))
+            let (out, load) = tracing::trace_span!("forward", tokens = inputs.len())
+                .in_scope(|| self.model.forward_counted(&inputs, &mut self.cache, &opts))
                 .map_err(|e| fail(e.to_string()))?;
             self.report.forward = Some(t0.elapsed());
-            self.report.experts = super::expert_tally(self.model.config(), &out);
+            self.report.experts = super::expert_tally_of_load(self.model.config(), &load.routed);
+            self.experts_report =
+                crate::experts::StepReport::with_load(load, self.placement_version);
+            self.model.step_phase().set(None, crate::model::Phase::Sample);
             let t1 = Instant::now();
             let results = tracing::trace_span!("sample").in_scope(|| {
                 super::seq_results(
@@ -478,6 +488,14 @@ pub mod single {
 
         fn take_report(&mut self) -> StepReport {
             std::mem::take(&mut self.report)
+        }
+
+        fn step_report(&mut self) -> crate::experts::StepReport {
+            std::mem::take(&mut self.experts_report)
+        }
+
+        fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+            Some(self.model.step_phase())
         }
     }
 }

@@ -43,7 +43,8 @@ pub struct StepReport {
 impl StepReport {
     /// Copies the report into `result`.
     pub fn fill(self, result: &mut StepResult) {
-        result.expert_tokens = self.expert_tokens;
+        // Dense or sparse, whichever is smaller (never both).
+        crate::executor::expert_wire::encode(self.expert_tokens).fill(result);
         result.rank_expert_tokens = self.rank_expert_tokens;
         result.placement_version = self.placement_version;
         result.staged_placement_version = self.staged_placement_version;

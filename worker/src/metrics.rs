@@ -5,13 +5,13 @@
 //! `fathom_expert_balancedness{layer}`, `fathom_worker_up`, `fathom_epoch`; and [`StepReport`] /
 //! [`ExpertTally`], what an executor measured in one step.
 //!
-//! Expert counts come from one hook: an executor tallies the routing of the tokens its rank
-//! routed in a step into an [`ExpertTally`] (a dense `[moe_layer][expert]` array, one increment
-//! per routing decision, no allocation per token), returns it in its [`StepReport`], and
-//! [`WorkerMetrics::observe_step`] adds each non-zero cell to its counter once per step. A token
-//! is counted by exactly one rank (the routing rank of its slice; the group's rank 0 when the
-//! routing was gathered over the group), so summing the counter over every worker gives
-//! `tokens × top_k × moe_layers`.
+//! Expert counts come from one hook: an executor turns the counters its MoE layers kept for the
+//! tokens its rank routed in a step (`model::StepLoad`, counted in the layer from its assignment
+//! list — no routing capture) into an [`ExpertTally`] (a dense `[moe_layer][expert]` array),
+//! returns it in its [`StepReport`], and [`WorkerMetrics::observe_step`] adds each non-zero cell
+//! to its counter once per step. A token is counted by exactly one rank (the rank that routed
+//! it: in a group of T ranks each routes its own slice of the tokens), so summing the counter
+//! over every worker gives `tokens × top_k × moe_layers`.
 //!
 //! Balancedness of a layer is mean / max of its experts' cumulative token counts on this worker
 //! (1 = perfectly even; 1/E = every token on one expert).
@@ -60,8 +60,9 @@ impl ExpertTally {
         }
     }
 
-    /// Adds a forward's recorded routing: per token row, per MoE layer, the expert ids. Ids or
-    /// layers outside the tally are ignored (they cannot come from a model of this shape).
+    /// Adds a forward's recorded routing: per token row, per MoE layer, the expert ids (what
+    /// tests compare the in-layer counters with). Ids or layers outside the tally are ignored
+    /// (they cannot come from a model of this shape).
     pub fn add_routing(&mut self, per_token: &[Vec<Vec<u32>>]) {
         let (layers, e) = (self.moe_layers(), self.experts);
         for row in per_token {

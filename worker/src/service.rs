@@ -161,6 +161,13 @@ fn take_weights(previous: Option<SharedExecutor>) -> Option<HeldWeights> {
     executor.into_weights()
 }
 
+/// The prepared executor's phase cell (`None` when there is none, or it is busy).
+fn step_phase(inner: &Mutex<Inner>) -> Option<Arc<crate::model::StepPhase>> {
+    let ex = inner.lock().unwrap_or_else(|p| p.into_inner()).executor.clone()?;
+    let ex = ex.try_lock().ok()?;
+    ex.step_phase()
+}
+
 type BoxedComm = Box<dyn Collective>;
 
 /// Joins the epoch's TCP world communicator (rank 0 binds `rendezvous`, the others connect to
@@ -354,10 +361,16 @@ impl Worker for WorkerService {
                 let span = tracing::debug_span!("step", epoch, step_id, rank);
                 crate::telemetry::parent_from_carrier(&span, &step.trace_context);
                 let metrics = metrics.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
+                // Layer and phase while the step runs, for the watchdog (step_progress.rs).
+                let phase = step_phase(&inner);
+                let work = tokio::task::spawn_blocking(move || {
                     span.in_scope(|| run_step(&inner2, &step, rank, &metrics))
-                })
-                .await;
+                });
+                let base = StepProgress { epoch, step_id, rank, ..Default::default() };
+                let every = crate::executor::step_progress::EVERY;
+                let outcome =
+                    crate::executor::step_progress::report_while(work, phase, &tx, base, every)
+                        .await;
                 let mut result = StepResult {
                     epoch,
                     step_id,

@@ -47,7 +47,8 @@ fn copy_bandwidth(dev: &CudaDevice) -> f64 {
 }
 
 /// Bytes one decode step of layer `li` must read from HBM in *this* model's storage (bf16 GEMM
-/// weights; f32 q_a, kv_b, indexer and router weights; bf16 latent and f32 indexer-key cache):
+/// and kv_b weights; f32 q_a, indexer and router weights; bf16 latent; e4m3 indexer keys with one
+/// f32 scale each):
 /// all attention and indexer weights, the indexer keys of every context position, the selected
 /// latent rows, and the FFN weights touched (dense MLP, or the shared expert plus the expected
 /// number of distinct routed experts under uniform routing, 256·(1−(1−8/256)^B)).
@@ -60,11 +61,11 @@ fn floor_bytes(c: &ModelConfig, li: usize, b: usize, ctx: usize) -> f64 {
     let attn = 4.0 * ql * h
         + 2.0 * nh * (nope + rope) * ql
         + 2.0 * (kl + rope) * h
-        + 4.0 * nh * (nope + v) * kl
+        + 2.0 * nh * (nope + v) * kl
         + 2.0 * h * nh * v
         + 4.0 * (ih * id * ql + id * h + ih * h);
     let keys = (ctx + 1) as f64;
-    let cache = b as f64 * (keys * id * 4.0 + keys.min(c.index_topk as f64) * (kl + rope) * 2.0);
+    let cache = b as f64 * (keys * (id + 4.0) + keys.min(c.index_topk as f64) * (kl + rope) * 2.0);
     let ffn = if !c.is_moe_layer(li) {
         3.0 * h * c.intermediate_size as f64 * 2.0
     } else {
@@ -84,7 +85,7 @@ fn full_width_layer_decode() {
     let cfg = ModelConfig::preset("full-width:2").unwrap();
     let bw = copy_bandwidth(&dev);
     let t = std::time::Instant::now();
-    let model = CudaModel::random(dev.clone(), cfg.clone(), None, 1).unwrap();
+    let mut model = CudaModel::random(dev.clone(), cfg.clone(), None, 1).unwrap();
     eprintln!("random full-width:2 weights on the device in {:.1} s", t.elapsed().as_secs_f64());
     println!("copy bandwidth (d2d, read+write): {:.0} GB/s", bw / 1e9);
     println!();
@@ -96,7 +97,10 @@ fn full_width_layer_decode() {
         {
             let mut cache = model.new_cache(b, (ctx + 1).max(cfg.index_topk)).unwrap();
             model.fill_cache_random(&mut cache, 11).unwrap();
-            for (li, name) in [(0, "dense"), (1, "MoE")] {
+            for (li, name, grouped) in
+                [(0, "dense", false), (1, "MoE", false), (1, "MoE grouped", true)]
+            {
+                model.set_grouped_experts(grouped);
                 let us = model.time_decode_layer(li, &mut cache, ctx, 2, 5).unwrap();
                 let floor = floor_bytes(&cfg, li, b, ctx) / bw * 1e6;
                 println!("| {name} | {b} | {ctx} | {us:.0} | {floor:.0} | {:.1} |", us / floor);

@@ -135,7 +135,7 @@ pub struct PrepareCost {
 pub struct RankStalled {
     pub rank: u32,
     pub worker_id: String,
-    /// Last layer the rank reported finishing (-1: none).
+    /// The layer the rank last reported being in (-1: none, e.g. `queued`, `started`, `head`).
     pub layer: i32,
     /// Last phase it reported for this step (`queued`: none).
     pub phase: String,

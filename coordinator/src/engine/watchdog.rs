@@ -1,7 +1,11 @@
 //! The step watchdog (a child module of `run.rs`): waits for every rank's result of one step,
 //! and when the step is still outstanding at the watchdog deadline, reports which ranks have not
-//! answered and the last progress each reported (`StepProgress`: the phase it reached, e.g.
-//! `started` once the rank began executing; `queued` when it never reported for this step).
+//! answered and the last progress each reported (`StepProgress`): `queued` when it never
+//! reported for this step, `started` once it began executing, then the layer and phase its
+//! forward was in (`layer 3 dispatch`: sampled by the worker every 100 ms while the step runs,
+//! so a rank stuck in a collective names the layer and phase it waits in; a rank stopped
+//! mid-step names where it was at most one sampling period before it stopped). Phases: see
+//! [`place`].
 //!
 //! The report is a diagnosis, not a verdict: it is logged (WARN), kept in the status snapshot
 //! (ClusterStatus.watchdog, newest first, at most [`HISTORY`]) and counted; the stalled ranks
@@ -87,7 +91,9 @@ impl Engine {
                 phase = %m.phase,
                 layer = m.layer,
                 stalled_ms,
-                "watchdog: step not completed by its deadline"
+                "watchdog: step not completed by its deadline: rank {} at {}",
+                m.rank,
+                place(m)
             );
         }
         let entry = WatchdogEntry {
@@ -104,8 +110,9 @@ impl Engine {
             if let Some(r) = st.ranks.iter_mut().find(|r| r.rank == m.rank) {
                 r.healthy = false;
                 r.detail = format!(
-                    "watchdog: step {step_id} of epoch {} outstanding after {stalled_ms} ms (phase {})",
-                    entry.epoch, m.phase
+                    "watchdog: step {step_id} of epoch {} outstanding after {stalled_ms} ms (at {})",
+                    entry.epoch,
+                    place(m)
                 );
             }
         }
@@ -120,5 +127,31 @@ impl Engine {
             r.healthy = true;
             r.detail.clear();
         }
+    }
+}
+
+/// Where a stalled rank was, for logs and the worker detail: `layer 3 dispatch` for a phase
+/// inside a layer (attention, ffn, dispatch, experts, combine), else the phase alone (`queued`,
+/// `started`, `head`, `sample`).
+pub(crate) fn place(m: &RankStalled) -> String {
+    if m.layer >= 0 { format!("layer {} {}", m.layer, m.phase) } else { m.phase.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn place_names_the_layer_when_there_is_one() {
+        let m = |layer: i32, phase: &str| RankStalled {
+            rank: 1,
+            worker_id: "w1".into(),
+            layer,
+            phase: phase.into(),
+        };
+        assert_eq!(place(&m(3, "dispatch")), "layer 3 dispatch");
+        assert_eq!(place(&m(0, "attention")), "layer 0 attention");
+        assert_eq!(place(&m(-1, "queued")), "queued");
+        assert_eq!(place(&m(-1, "head")), "head");
     }
 }

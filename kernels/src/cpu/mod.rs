@@ -12,6 +12,7 @@ pub mod attention;
 pub mod fp8;
 pub mod gemm;
 pub mod indexer;
+pub mod indexer_fp8;
 pub mod norm;
 pub mod rope;
 pub mod router;

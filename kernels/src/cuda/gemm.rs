@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as blas_sys};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys as blas_sys};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -107,6 +107,254 @@ impl BlasGemm {
         unsafe { self.blas.gemm(cfg, w, x, y) }
             .map_err(|e| CudaError::Blas { op: "cublasGemmEx(bf16)", status: format!("{e:?}") })
     }
+}
+
+impl BlasGemm {
+    /// `y[m, n] = alpha · x[m, k] · w[n, k]ᵀ`, all f32 row-major (cuBLAS SGEMM: fp32 FMA, no
+    /// TF32 — the handle keeps cuBLAS's default math mode). The GPU forward's fp32 projections
+    /// (q-LoRA down, indexer, router) run here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_f32";
+        check_len(OP, "x", x.len(), m * k)?;
+        check_len(OP, "w", w.len(), n * k)?;
+        check_len(OP, "y", y.len(), m * n)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let cfg = GemmConfig {
+            transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            m: to_i32(OP, "n", n)?,
+            n: to_i32(OP, "m", m)?,
+            k: to_i32(OP, "k", k)?,
+            alpha,
+            lda: to_i32(OP, "k", k)?,
+            ldb: to_i32(OP, "k", k)?,
+            beta: 0.0f32,
+            ldc: to_i32(OP, "n", n)?,
+        };
+        // SAFETY: the three buffers were checked against the shapes the config describes.
+        unsafe { self.blas.gemm(cfg, w, x, y) }
+            .map_err(|e| CudaError::Blas { op: "cublasSgemm", status: format!("{e:?}") })
+    }
+
+    /// A batch of bf16 GEMMs in cuBLAS's own column-major convention (fp32 accumulation):
+    /// for `i < s.batch`, `C_i [m, n] = op(A_i) · op(B_i)` with `A_i = a + i·stride_a` etc.
+    /// Every operand may be a strided view into a larger buffer (leading dimensions ≥ the
+    /// rows they hold); the wrapper checks that the last element any batch touches lies inside
+    /// each buffer, so no shape can make cuBLAS read or write out of bounds.
+    pub fn gemm_bf16_strided_batched<A, B, C>(
+        &self,
+        s: &StridedGemm,
+        a: &A,
+        b: &B,
+        c: &mut C,
+    ) -> Result<(), CudaError>
+    where
+        A: DevicePtr<bf16>,
+        B: DevicePtr<bf16>,
+        C: DevicePtrMut<bf16>,
+    {
+        const OP: &str = "gemm_bf16_strided_batched";
+        if s.batch == 0 || s.m == 0 || s.n == 0 {
+            return Ok(());
+        }
+        let (ra, ca) = if s.trans_a { (s.k, s.m) } else { (s.m, s.k) };
+        let (rb, cb) = if s.trans_b { (s.n, s.k) } else { (s.k, s.n) };
+        for (what, rows, ld) in [("lda", ra, s.lda), ("ldb", rb, s.ldb), ("ldc", s.m, s.ldc)] {
+            if ld < rows.max(1) {
+                return Err(CudaError::shape(OP, format!("{what} {ld} < {rows} rows")));
+            }
+        }
+        let need = |rows: usize, cols: usize, ld: usize, stride: usize| {
+            (s.batch - 1) * stride + cols.saturating_sub(1) * ld + rows
+        };
+        let at_least = |what: &str, got: usize, want: usize| {
+            if got < want {
+                return Err(CudaError::shape(
+                    OP,
+                    format!("{what} has {got} elements, needs {want}"),
+                ));
+            }
+            Ok(())
+        };
+        at_least("a", a.len(), need(ra, ca, s.lda, s.stride_a))?;
+        at_least("b", b.len(), need(rb, cb, s.ldb, s.stride_b))?;
+        at_least("c", c.len(), need(s.m, s.n, s.ldc, s.stride_c))?;
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let i64_of = |v: usize| {
+            i64::try_from(v).map_err(|_| CudaError::shape(OP, format!("stride {v} exceeds i64")))
+        };
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(s.trans_a),
+                transb: op(s.trans_b),
+                m: to_i32(OP, "m", s.m)?,
+                n: to_i32(OP, "n", s.n)?,
+                k: to_i32(OP, "k", s.k)?,
+                alpha: bf16::ONE,
+                lda: to_i32(OP, "lda", s.lda)?,
+                ldb: to_i32(OP, "ldb", s.ldb)?,
+                beta: bf16::ZERO,
+                ldc: to_i32(OP, "ldc", s.ldc)?,
+            },
+            batch_size: to_i32(OP, "batch", s.batch)?,
+            stride_a: i64_of(s.stride_a)?,
+            stride_b: i64_of(s.stride_b)?,
+            stride_c: i64_of(s.stride_c)?,
+        };
+        // SAFETY: every element the batch addresses lies inside a, b and c (checked above).
+        unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) }.map_err(|e| CudaError::Blas {
+            op: "cublasGemmStridedBatchedEx(bf16)",
+            status: format!("{e:?}"),
+        })
+    }
+}
+
+/// One problem of [`BlasGemm::gemm_bf16_grouped`]: `y[m, n] = x[m, k] · w[n, k]ᵀ` row-major,
+/// at element offsets into the shared x, w, y buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupedProblem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub x_at: usize,
+    pub w_at: usize,
+    pub y_at: usize,
+}
+
+impl BlasGemm {
+    /// Many independent bf16 GEMMs in one `cublasGemmGroupedBatchedEx` call (each problem its
+    /// own group; fp32 accumulation): the routed experts' per-expert GEMMs without a launch
+    /// each. Every problem is checked to lie inside x, w and y. The pointer arrays go to the
+    /// device through one upload on the stream.
+    pub fn gemm_bf16_grouped(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        problems: &[GroupedProblem],
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemm_bf16_grouped";
+        let problems: Vec<GroupedProblem> =
+            problems.iter().copied().filter(|p| p.m > 0 && p.n > 0).collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        for (i, p) in problems.iter().enumerate() {
+            for (what, at, len, have) in [
+                ("x", p.x_at, p.m * p.k, x.len()),
+                ("w", p.w_at, p.n * p.k, w.len()),
+                ("y", p.y_at, p.m * p.n, y.len()),
+            ] {
+                if at + len > have {
+                    return Err(CudaError::shape(
+                        OP,
+                        format!(
+                            "problem {i}: {what} [{at}, {}) exceeds its {have} elements",
+                            at + len
+                        ),
+                    ));
+                }
+            }
+        }
+        let count = problems.len();
+        let stream = dev.stream();
+        let (xp, _gx) = x.device_ptr(stream);
+        let (wp, _gw) = w.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let el = std::mem::size_of::<bf16>() as u64;
+        // [A pointers (w) | B pointers (x) | C pointers (y)], each `count` long.
+        let mut ptrs = Vec::with_capacity(3 * count);
+        ptrs.extend(problems.iter().map(|p| wp + p.w_at as u64 * el));
+        ptrs.extend(problems.iter().map(|p| xp + p.x_at as u64 * el));
+        ptrs.extend(problems.iter().map(|p| yp + p.y_at as u64 * el));
+        let ptrs_d = dev.upload(&ptrs)?;
+        let (pd, _gp) = ptrs_d.device_ptr(stream);
+        let i32s = |f: &dyn Fn(&GroupedProblem) -> usize, what: &str| {
+            problems.iter().map(|p| to_i32(OP, what, f(p))).collect::<Result<Vec<i32>, _>>()
+        };
+        let ms = i32s(&|p| p.n, "n")?; // cuBLAS m = our n (column-major transpose)
+        let ns = i32s(&|p| p.m, "m")?;
+        let ks = i32s(&|p| p.k, "k")?;
+        let ldc = ms.clone();
+        let ta = vec![blas_sys::cublasOperation_t::CUBLAS_OP_T; count];
+        let tb = vec![blas_sys::cublasOperation_t::CUBLAS_OP_N; count];
+        let (alpha, beta) = (vec![1f32; count], vec![0f32; count]);
+        let sizes = vec![1i32; count];
+        let group_count = to_i32(OP, "problems", count)?;
+        let ptr_at = |j: usize| (pd + (j * count) as u64 * 8) as *const *const std::ffi::c_void;
+        // SAFETY: every problem lies inside x, w, y (checked); the pointer arrays (device) and
+        // the per-group arrays (host, `count` entries each) outlive the call, which only
+        // enqueues work on the stream that also owns the upload of the pointer arrays.
+        unsafe {
+            blas_sys::cublasGemmGroupedBatchedEx(
+                *self.blas.handle(),
+                ta.as_ptr(),
+                tb.as_ptr(),
+                ms.as_ptr(),
+                ns.as_ptr(),
+                ks.as_ptr(),
+                alpha.as_ptr() as *const std::ffi::c_void,
+                ptr_at(0),
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ks.as_ptr(),
+                ptr_at(1),
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ks.as_ptr(),
+                beta.as_ptr() as *const std::ffi::c_void,
+                ptr_at(2) as *const *mut std::ffi::c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ldc.as_ptr(),
+                group_count,
+                sizes.as_ptr(),
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+        }
+        .result()
+        .map_err(|e| CudaError::Blas {
+            op: "cublasGemmGroupedBatchedEx(bf16)",
+            status: format!("{e:?}"),
+        })?;
+        // The device pointer array must live until the GEMMs ran: `ptrs_d` is dropped at the end
+        // of this scope, and dropping a CudaSlice frees it stream-ordered (cuMemFreeAsync on this
+        // stream, or a synchronize first without async allocation), after the queued GEMMs.
+        Ok(())
+    }
+}
+
+/// Shape of [`BlasGemm::gemm_bf16_strided_batched`], column-major as cuBLAS sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StridedGemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub batch: usize,
 }
 
 /// bf16 GEMM through cuBLASLt (32 MiB workspace, heuristic algorithm), on the device stream.

@@ -32,7 +32,9 @@ pub mod sources;
 pub use cudarc;
 pub use device::{CudaDevice, DeviceInfo, DeviceOptions};
 pub use error::CudaError;
-pub use gemm::{ActScaleLayout, BlasGemm, Fp8Gemm, LtBf16Gemm, WeightScaleLayout};
+pub use gemm::{
+    ActScaleLayout, BlasGemm, Fp8Gemm, GroupedProblem, LtBf16Gemm, StridedGemm, WeightScaleLayout,
+};
 pub use libs::{CudaLib, PreloadedLibraries, preload_libraries, require_libraries};
 pub use nvrtc::{KernelCache, compile_cubin, nvrtc_version};
 pub use ops::{Ops, grid_stride};

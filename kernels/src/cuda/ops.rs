@@ -90,6 +90,7 @@ impl Ops {
             &sources::ROUTER,
             &sources::TOPK,
             &sources::INDEXER,
+            &sources::INDEXER_FP8,
             &sources::MLA,
             &sources::MOE,
         ] {

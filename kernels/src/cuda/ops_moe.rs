@@ -15,7 +15,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::cuda::ops::{check_len, to_i32};
-use crate::cuda::{BlasGemm, CudaDevice, CudaError};
+use crate::cuda::{BlasGemm, CudaDevice, CudaError, GroupedProblem};
 
 /// Dims of one routed-expert call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,10 @@ pub struct MoeScratch {
     gu: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
     y_perm: CudaSlice<bf16>,
+    /// Run the per-expert GEMMs as one grouped cuBLAS call each (gate|up, down) instead of one
+    /// call per expert ([`BlasGemm::gemm_bf16_grouped`]). Same results up to cuBLAS's choice of
+    /// kernel; off by default.
+    pub grouped: bool,
 }
 
 impl MoeScratch {
@@ -69,6 +73,7 @@ impl MoeScratch {
             gu: dev.zeros(p * 2 * i)?,
             act: dev.zeros(p * i)?,
             y_perm: dev.zeros(p * d)?,
+            grouped: false,
         })
     }
 }
@@ -151,16 +156,31 @@ pub fn moe_experts_bf16(
         return Err(CudaError::shape(OP, format!("moe_plan produced invalid offsets {offsets:?}")));
     }
     let rows_used = offsets[e] as usize;
-    for ex in 0..e {
-        let (r0, r1) = (offsets[ex] as usize, offsets[ex + 1] as usize);
-        if r1 == r0 {
-            continue;
+    let experts = || {
+        (0..e).filter_map(|ex| {
+            let (r0, r1) = (offsets[ex] as usize, offsets[ex + 1] as usize);
+            (r1 > r0).then_some((ex, r0, r1 - r0))
+        })
+    };
+    if sc.grouped {
+        let up: Vec<GroupedProblem> = experts()
+            .map(|(ex, r0, m)| GroupedProblem {
+                m,
+                n: 2 * i,
+                k: d,
+                x_at: r0 * d,
+                w_at: ex * 2 * i * d,
+                y_at: r0 * 2 * i,
+            })
+            .collect();
+        blas.gemm_bf16_grouped(dev, &sc.x_perm, w13, &mut sc.gu, &up)?;
+    } else {
+        for (ex, r0, m) in experts() {
+            let xs = sc.x_perm.slice(r0 * d..(r0 + m) * d);
+            let ws = w13.slice(ex * 2 * i * d..(ex + 1) * 2 * i * d);
+            let mut ys = sc.gu.slice_mut(r0 * 2 * i..(r0 + m) * 2 * i);
+            blas.gemm_bf16_view(&xs, &ws, &mut ys, m, 2 * i, d)?;
         }
-        let m = r1 - r0;
-        let xs = sc.x_perm.slice(r0 * d..r1 * d);
-        let ws = w13.slice(ex * 2 * i * d..(ex + 1) * 2 * i * d);
-        let mut ys = sc.gu.slice_mut(r0 * 2 * i..r1 * 2 * i);
-        blas.gemm_bf16_view(&xs, &ws, &mut ys, m, 2 * i, d)?;
     }
     if rows_used > 0 {
         let gu = sc.gu.slice(..rows_used * 2 * i);
@@ -174,16 +194,25 @@ pub fn moe_experts_bf16(
         unsafe { b.launch(crate::cuda::ops::grid_stride(rows_used * i)) }
             .map_err(CudaError::driver("launch silu_mul_bf16"))?;
     }
-    for ex in 0..e {
-        let (r0, r1) = (offsets[ex] as usize, offsets[ex + 1] as usize);
-        if r1 == r0 {
-            continue;
+    if sc.grouped {
+        let down: Vec<GroupedProblem> = experts()
+            .map(|(ex, r0, m)| GroupedProblem {
+                m,
+                n: d,
+                k: i,
+                x_at: r0 * i,
+                w_at: ex * d * i,
+                y_at: r0 * d,
+            })
+            .collect();
+        blas.gemm_bf16_grouped(dev, &sc.act, w2, &mut sc.y_perm, &down)?;
+    } else {
+        for (ex, r0, m) in experts() {
+            let xs = sc.act.slice(r0 * i..(r0 + m) * i);
+            let ws = w2.slice(ex * d * i..(ex + 1) * d * i);
+            let mut ys = sc.y_perm.slice_mut(r0 * d..(r0 + m) * d);
+            blas.gemm_bf16_view(&xs, &ws, &mut ys, m, d, i)?;
         }
-        let m = r1 - r0;
-        let xs = sc.act.slice(r0 * i..r1 * i);
-        let ws = w2.slice(ex * d * i..(ex + 1) * d * i);
-        let mut ys = sc.y_perm.slice_mut(r0 * d..r1 * d);
-        blas.gemm_bf16_view(&xs, &ws, &mut ys, m, d, i)?;
     }
     let mut b = stream.launch_builder(ops.model_fn("moe_combine_bf16")?);
     b.arg(&sc.y_perm).arg(&sc.pair_row).arg(weights).arg(out).arg(&k_i).arg(&d_i);

@@ -34,6 +34,188 @@ impl Ops {
         self.indexer(true, q, w, keys, lens, out, batch, heads, dim, max_ctx)
     }
 
+    /// [`Self::indexer_scores_bf16`] over a key cache shared by many query rows (the model's
+    /// per-slot cache): row b scores keys `[base[b], base[b] + lens[b])` of `keys [n_rows, dim]`.
+    /// `out [batch, max_ctx]`: position s < lens[b] gets its score, the rest −∞. A row whose
+    /// `base[b]` is negative or whose block `[base[b], base[b] + max_ctx)` runs past `n_rows`
+    /// scores nothing (all −∞): device-resident bases cannot be checked on the host, so the
+    /// kernel never reads outside `keys`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_scores_bf16_rows(
+        &self,
+        q: &CudaSlice<bf16>,
+        w: &CudaSlice<f32>,
+        keys: &CudaSlice<bf16>,
+        n_rows: usize,
+        base: &CudaSlice<i32>,
+        lens: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        shape: (usize, usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "indexer_scores_bf16_rows";
+        let (batch, heads, dim, max_ctx) = shape;
+        let name = match dim {
+            128 => "indexer_mma_bf16_rows_d128",
+            64 => "indexer_mma_bf16_rows_d64",
+            32 => "indexer_mma_bf16_rows_d32",
+            16 => "indexer_mma_bf16_rows_d16",
+            _ => return Err(CudaError::shape(OP, format!("dim {dim} is not 16, 32, 64 or 128"))),
+        };
+        if heads == 0 || heads > 64 {
+            return Err(CudaError::shape(OP, format!("heads {heads} not in 1..=64")));
+        }
+        check_len(OP, "q", q.len(), batch * heads * dim)?;
+        check_len(OP, "w", w.len(), batch * heads)?;
+        check_len(OP, "keys", keys.len(), n_rows * dim)?;
+        check_len(OP, "base", base.len(), batch)?;
+        check_len(OP, "lens", lens.len(), batch)?;
+        check_len(OP, "out", out.len(), batch * max_ctx)?;
+        if batch == 0 || max_ctx == 0 {
+            return Ok(());
+        }
+        if batch > 65_535 {
+            return Err(CudaError::shape(OP, format!("batch {batch} exceeds 65535")));
+        }
+        let (h_i, ctx_i) = (to_i32(OP, "heads", heads)?, to_i32(OP, "max_ctx", max_ctx)?);
+        let rows_i = n_rows as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (max_ctx.div_ceil(128) as u32, batch as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream().launch_builder(self.model_fn(name)?);
+        b.arg(q).arg(w).arg(keys).arg(lens).arg(out).arg(&h_i).arg(&ctx_i).arg(base).arg(&rows_i);
+        // SAFETY: matches `indexer_mma_bf16_rows_d{dim}`; q, w, lens, base, out checked against
+        // batch, heads ≤ 64 and max_ctx; the kernel reads key rows only inside
+        // [base[b], base[b] + max_ctx) ⊂ [0, n_rows) (it checks the bound on the device).
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch indexer_scores_bf16_rows"))?;
+        Ok(())
+    }
+
+    /// The indexer's FP8 path, step 1 (CPU twin `cpu::indexer_fp8::rotate_quant_fp8`): each of
+    /// the `n` vectors of `x [n, dim]` f32 is Hadamard-rotated and quantised to e4m3 with one
+    /// ue8m0 scale, written to row `v` of `codes [≥ n, dim]` / `scales [≥ n]`, or — with `dst`
+    /// (device i32 `[n]`) — to row `dst[v]` of `codes [n_out, dim]` / `scales [n_out]` (the key
+    /// cache; a row < 0 or ≥ n_out is skipped on the device). dim ∈ {16, 32, 64, 128}.
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_rotate_quant_fp8(
+        &self,
+        x: &CudaSlice<f32>,
+        dst: Option<&CudaSlice<i32>>,
+        codes: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+        n: usize,
+        dim: usize,
+        n_out: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "indexer_rotate_quant_fp8";
+        if !matches!(dim, 16 | 32 | 64 | 128) {
+            return Err(CudaError::shape(OP, format!("dim {dim} is not 16, 32, 64 or 128")));
+        }
+        if dst.is_none() && n_out < n {
+            return Err(CudaError::shape(OP, format!("{n} vectors into {n_out} rows")));
+        }
+        check_len(OP, "x", x.len(), n * dim)?;
+        check_len(OP, "codes", codes.len(), n_out * dim)?;
+        check_len(OP, "scales", scales.len(), n_out)?;
+        if let Some(d) = dst {
+            check_len(OP, "dst", d.len(), n)?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (n_i, d_i) = (to_i32(OP, "n", n)?, to_i32(OP, "dim", dim)?);
+        let inv = crate::cpu::indexer_fp8::inv_sqrt(dim);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match dst {
+            None => {
+                let mut b = self.stream().launch_builder(self.model_fn(OP)?);
+                b.arg(x).arg(codes).arg(scales).arg(&n_i).arg(&d_i).arg(&inv);
+                // SAFETY: matches `indexer_rotate_quant_fp8`; x holds n × dim, codes and
+                // scales at least n rows (checked); one thread per vector, dim ≤ 128.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch rotate_quant_fp8"))?;
+            }
+            Some(dst) => {
+                let n_out_i = n_out as i64;
+                let mut b =
+                    self.stream().launch_builder(self.model_fn("indexer_rotate_quant_fp8_rows")?);
+                b.arg(x).arg(dst).arg(codes).arg(scales).arg(&n_i).arg(&d_i).arg(&inv);
+                b.arg(&n_out_i);
+                // SAFETY: matches `indexer_rotate_quant_fp8_rows`; x and dst hold n entries,
+                // codes/scales n_out rows (checked); the kernel skips rows outside [0, n_out).
+                unsafe { b.launch(cfg) }
+                    .map_err(CudaError::driver("launch rotate_quant_fp8_rows"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The indexer's FP8 path, step 2 (CPU twin `cpu::indexer_fp8::indexer_scores_fp8`): as
+    /// [`Self::indexer_scores_bf16_rows`] over an e4m3 key cache `keys [n_rows, dim]` with
+    /// per-key scales `kscales [n_rows]`, queries `q [batch, heads, dim]` e4m3 with scales
+    /// `qscales [batch, heads]`, head weights `w [batch, heads]` f32. e4m3 tensor-core MMA
+    /// (m16n8k32), fp32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_scores_fp8_rows(
+        &self,
+        q: &CudaSlice<u8>,
+        qscales: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        keys: &CudaSlice<u8>,
+        kscales: &CudaSlice<f32>,
+        n_rows: usize,
+        base: &CudaSlice<i32>,
+        lens: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        shape: (usize, usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "indexer_scores_fp8_rows";
+        let (batch, heads, dim, max_ctx) = shape;
+        let name = match dim {
+            128 => "indexer_mma_fp8_rows_d128",
+            64 => "indexer_mma_fp8_rows_d64",
+            32 => "indexer_mma_fp8_rows_d32",
+            16 => "indexer_mma_fp8_rows_d16",
+            _ => return Err(CudaError::shape(OP, format!("dim {dim} is not 16, 32, 64 or 128"))),
+        };
+        if heads == 0 || heads > 64 {
+            return Err(CudaError::shape(OP, format!("heads {heads} not in 1..=64")));
+        }
+        check_len(OP, "q", q.len(), batch * heads * dim)?;
+        check_len(OP, "qscales", qscales.len(), batch * heads)?;
+        check_len(OP, "w", w.len(), batch * heads)?;
+        check_len(OP, "keys", keys.len(), n_rows * dim)?;
+        check_len(OP, "kscales", kscales.len(), n_rows)?;
+        check_len(OP, "base", base.len(), batch)?;
+        check_len(OP, "lens", lens.len(), batch)?;
+        check_len(OP, "out", out.len(), batch * max_ctx)?;
+        if batch == 0 || max_ctx == 0 {
+            return Ok(());
+        }
+        if batch > 65_535 {
+            return Err(CudaError::shape(OP, format!("batch {batch} exceeds 65535")));
+        }
+        let (h_i, ctx_i) = (to_i32(OP, "heads", heads)?, to_i32(OP, "max_ctx", max_ctx)?);
+        let rows_i = n_rows as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (max_ctx.div_ceil(128) as u32, batch as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream().launch_builder(self.model_fn(name)?);
+        b.arg(q).arg(qscales).arg(w).arg(keys).arg(kscales).arg(base).arg(lens).arg(out);
+        b.arg(&h_i).arg(&ctx_i).arg(&rows_i);
+        // SAFETY: matches `indexer_mma_fp8_rows_d{dim}`; every buffer checked against batch,
+        // heads ≤ 64, dim, max_ctx and n_rows; the kernel reads key rows and scales only inside
+        // [base[b], base[b] + max_ctx) ⊂ [0, n_rows) (checked on the device).
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch indexer_scores_fp8_rows"))?;
+        Ok(())
+    }
+
     /// [`Self::indexer_scores_bf16`] on CUDA cores (one thread per key): the SIMT reference.
     #[allow(clippy::too_many_arguments)]
     pub fn indexer_scores_bf16_simt(

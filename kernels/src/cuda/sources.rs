@@ -78,6 +78,24 @@ pub const INDEXER: KernelSource = KernelSource {
         "indexer_mma_bf16_d128",
         "indexer_mma_bf16_d64",
         "indexer_mma_bf16_d32",
+        "indexer_mma_bf16_rows_d128",
+        "indexer_mma_bf16_rows_d64",
+        "indexer_mma_bf16_rows_d32",
+        "indexer_mma_bf16_rows_d16",
+    ],
+};
+
+/// The indexer's FP8 path: Hadamard rotation + ue8m0 e4m3 quantisation, e4m3 MMA scoring.
+pub const INDEXER_FP8: KernelSource = KernelSource {
+    name: "indexer_fp8",
+    code: include_str!("../../cuda/indexer_fp8.cu"),
+    kernels: &[
+        "indexer_rotate_quant_fp8",
+        "indexer_rotate_quant_fp8_rows",
+        "indexer_mma_fp8_rows_d128",
+        "indexer_mma_fp8_rows_d64",
+        "indexer_mma_fp8_rows_d32",
+        "indexer_mma_fp8_rows_d16",
     ],
 };
 
@@ -96,4 +114,5 @@ pub const MOE: KernelSource = KernelSource {
 };
 
 /// Every source, in load order.
-pub const ALL: &[KernelSource] = &[NORM, QUANT, FILL, ELEMENTWISE, ROUTER, TOPK, INDEXER, MLA, MOE];
+pub const ALL: &[KernelSource] =
+    &[NORM, QUANT, FILL, ELEMENTWISE, ROUTER, TOPK, INDEXER, INDEXER_FP8, MLA, MOE];

@@ -231,6 +231,10 @@ impl Executor for ShardedExecutor {
         Some(HeldWeights { model_path: self.model_path, model, bytes })
     }
 
+    fn step_phase(&self) -> Option<std::sync::Arc<crate::model::StepPhase>> {
+        Some(self.model.step_phase())
+    }
+
     fn take_report(&mut self) -> StepReport {
         std::mem::take(&mut self.report)
     }

@@ -2,6 +2,10 @@
 //! `out[token] += weight · Expert_e(x[token])`, summed in f32. Holds only the experts of this
 //! rank (any subset of ids), so the expert-parallel engine can call it with the assignments
 //! dispatched to this rank. Does not route.
+//!
+//! Also owns [`StepLoad`], the per-step expert-load counters every forward that routes returns
+//! (one-rank `Model::forward_counted`, sharded `RankModel::forward_counted`): counted from the
+//! assignment lists a MoE layer builds anyway, never from recorded per-token routing.
 
 use super::ModelError;
 use super::ffn::SwiGlu;
@@ -17,6 +21,38 @@ pub struct Assignment {
     pub token: u32,
     pub expert: u32,
     pub weight: f32,
+}
+
+/// One rank's expert load in one step, counted per MoE layer from the assignment lists the
+/// layer builds anyway (no per-token capture).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepLoad {
+    /// `[moe_layers][n_routed_experts]` flattened: tokens of this rank's slice routed to each
+    /// logical expert (the one-rank model routes every token).
+    pub routed: Vec<u32>,
+    /// `[moe_layers]`: (token, expert) assignments this rank's expert slots computed.
+    pub computed: Vec<u64>,
+}
+
+impl StepLoad {
+    /// Adds one MoE layer whose tokens were routed as `assignments` and all computed here (the
+    /// one-rank case): a row of `n_experts` counters and `assignments.len()` computed. Experts
+    /// at or above `n_experts` cannot come from a router of that width and are not counted.
+    pub fn push_layer(&mut self, assignments: &[Assignment], n_experts: usize) {
+        let base = self.routed.len();
+        self.routed.resize(base + n_experts, 0);
+        for a in assignments {
+            if let Some(c) = self.routed[base..].get_mut(a.expert as usize) {
+                *c += 1;
+            }
+        }
+        self.computed.push(assignments.len() as u64);
+    }
+
+    /// MoE layers counted.
+    pub fn moe_layers(&self) -> usize {
+        self.computed.len()
+    }
 }
 
 /// The routed experts this rank holds, by logical id.

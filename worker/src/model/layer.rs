@@ -5,7 +5,7 @@
 use super::experts::Assignment;
 use super::ffn::Ffn;
 use super::mla::Mla;
-use super::{ModelError, ShardSpec, StepCtx, load};
+use super::{ModelError, Phase, ShardSpec, StepCtx, load};
 use crate::kv::PagedKvCache;
 use crate::weights::TensorSource;
 use fathom_common::ModelConfig;
@@ -52,10 +52,13 @@ impl DecoderLayer {
         ctx: &StepCtx,
         cache: &mut PagedKvCache,
     ) -> Result<Option<Vec<Assignment>>, ModelError> {
+        ctx.mark(Some(self.index), Phase::Attention);
         let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
         let a = tracing::trace_span!("attention", layer = self.index)
             .in_scope(|| self.attn.forward(&x, ctx, cache, self.index))?;
         h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+        let phase = if matches!(self.ffn, Ffn::Moe(_)) { Phase::Experts } else { Phase::Ffn };
+        ctx.mark(Some(self.index), phase);
         let x = rms_norm_new(h, &self.ffn_norm, self.eps, self.hidden);
         let (f, routing) = tracing::trace_span!("ffn", layer = self.index)
             .in_scope(|| self.ffn.forward(&x, self.index))?;

@@ -10,7 +10,8 @@
 //! Files: `embed.rs` (embedding, LM head), `mla.rs` (attention), `indexer.rs` (DSA),
 //! `gate.rs` (routing only), `experts.rs` (expert compute only), `ffn.rs` (dense MLP, MoE
 //! composition), `layer.rs` (a block), `mtp.rs`, `random.rs` (random weights for tests and
-//! benchmarks), `load.rs` (shape-checked loading).
+//! benchmarks), `load.rs` (shape-checked loading), `progress.rs` (the layer and phase a running
+//! step is in, for the watchdog).
 
 pub mod embed;
 pub mod experts;
@@ -21,17 +22,21 @@ pub mod layer;
 pub(crate) mod load;
 pub mod mla;
 pub mod mtp;
+pub mod progress;
 pub mod random;
 
 use crate::kv::{CacheConfig, KvError, PagedKvCache};
 use crate::weights::{TensorSource, WeightsError};
 use embed::{Embedding, LmHead};
+pub use experts::StepLoad;
 use fathom_common::{ConfigError, ModelConfig};
 use fathom_kernels::cpu::norm::rms_norm_new;
 use fathom_kernels::cpu::rope::rope_cos_sin;
 use layer::DecoderLayer;
 use mtp::Mtp;
+pub use progress::{Phase, StepPhase};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Why the model could not be built or run. Every variant names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +152,8 @@ pub struct StepCtx<'a> {
     pub positions: Vec<usize>,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// Where the step is, for the watchdog (`None`: not tracked).
+    pub progress: Option<&'a StepPhase>,
 }
 
 impl<'a> StepCtx<'a> {
@@ -159,7 +166,14 @@ impl<'a> StepCtx<'a> {
             offsets.push(positions.len());
         }
         let (cos, sin) = rope_cos_sin(freqs, attention_factor, &positions);
-        Self { seqs, offsets, positions, cos, sin }
+        Self { seqs, offsets, positions, cos, sin, progress: None }
+    }
+
+    /// Records that the step entered `phase` of `layer` (`None`: outside the layers).
+    pub fn mark(&self, layer: Option<usize>, phase: Phase) {
+        if let Some(p) = self.progress {
+            p.set(layer, phase);
+        }
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -192,6 +206,8 @@ pub struct Model {
     pub mtp: Vec<Mtp>,
     freqs: Vec<f32>,
     attention_factor: f32,
+    /// The layer and phase of the running forward.
+    progress: Arc<StepPhase>,
 }
 
 impl Model {
@@ -223,7 +239,14 @@ impl Model {
             attention_factor: cfg.rope_attention_factor()? as f32,
             cfg,
             shard,
+            progress: Arc::default(),
         })
+    }
+
+    /// The cell every forward of this model writes its layer and phase into (share it with a
+    /// reporter thread).
+    pub fn step_phase(&self) -> Arc<StepPhase> {
+        self.progress.clone()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -262,8 +285,21 @@ impl Model {
         cache: &mut PagedKvCache,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        self.forward_counted(seqs, cache, opts).map(|(out, _)| out)
+    }
+
+    /// [`Self::forward`] plus the step's expert-load counters ([`StepLoad`]: tokens per (MoE
+    /// layer, logical expert), counted inside each MoE layer from its assignment list whether
+    /// or not `opts.record_routing` is set). The counts equal a tally of the recorded routing.
+    pub fn forward_counted(
+        &self,
+        seqs: &[SeqInput],
+        cache: &mut PagedKvCache,
+        opts: &ForwardOptions,
+    ) -> Result<(ForwardOutput, StepLoad), ModelError> {
         self.validate(seqs, cache)?;
-        let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        let mut ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        ctx.progress = Some(&self.progress);
         let n = ctx.n_tokens();
         let hdim = self.cfg.hidden_size;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -275,10 +311,14 @@ impl Model {
         if opts.record_routing {
             out.routed_experts = vec![Vec::new(); n];
         }
+        let mut load = StepLoad::default();
         for layer in &self.layers {
             let routing = layer.forward(&mut h, &ctx, cache)?;
             if opts.record_hidden {
                 out.layer_hidden.push(h.clone());
+            }
+            if let Some(assignments) = &routing {
+                load.push_layer(assignments, self.cfg.n_routed_experts);
             }
             if let (true, Some(assignments)) = (opts.record_routing, routing) {
                 let mut per_token = vec![Vec::new(); n];
@@ -291,6 +331,7 @@ impl Model {
                 }
             }
         }
+        ctx.mark(None, Phase::Head);
         out.logit_rows = match opts.logits {
             LogitsMode::None => Vec::new(),
             LogitsMode::LastPerSeq => (0..seqs.len()).map(|s| ctx.seq_rows(s).end - 1).collect(),
@@ -305,7 +346,7 @@ impl Model {
             out.logits = self.head.logits(&normed);
         }
         out.hidden = h;
-        Ok(out)
+        Ok((out, load))
     }
 
     /// The final RMSNorm applied to hidden rows `[n, hidden]`.
@@ -378,4 +419,64 @@ pub(crate) fn validate_batch(
         cache.check_table(seq.block_table, end)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::BlockAllocator;
+    use crate::metrics::ExpertTally;
+
+    /// The in-layer counters equal a tally of the recorded routing of the same step, and do
+    /// not need routing to be recorded.
+    #[test]
+    fn counted_forward_equals_the_tally_of_recorded_routing() {
+        let cfg = ModelConfig::tiny();
+        let model =
+            Model::load(&random::random_source(&cfg, 11), cfg.clone(), ShardSpec::full(&cfg))
+                .unwrap();
+        let prompts: [Vec<u32>; 3] = [
+            (0..13).map(|i| (i * 37 + 5) % 512).collect(),
+            (0..5).map(|i| (i * 11 + 200) % 512).collect(),
+            vec![42],
+        ];
+        let run = |record_routing: bool| {
+            let mut cache = model.new_cache(4, 64).unwrap();
+            let mut alloc = BlockAllocator::new(64);
+            let tables: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| {
+                    let mut t = Vec::new();
+                    alloc.grow(&mut t, p.len(), 4).unwrap();
+                    t
+                })
+                .collect();
+            let seqs: Vec<SeqInput> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(p, t)| SeqInput { tokens: p, start_pos: 0, block_table: t })
+                .collect();
+            let opts = ForwardOptions { record_routing, ..Default::default() };
+            model.forward_counted(&seqs, &mut cache, &opts).unwrap()
+        };
+        let phase = model.step_phase();
+        phase.set(Some(99), Phase::Combine);
+        let (recorded, counted) = run(true);
+        // The forward walked its layers and ended in the head.
+        assert_eq!(phase.get(), (-1, Phase::Head));
+        let (plain, counted_plain) = run(false);
+        assert!(plain.routed_experts.is_empty(), "no routing recorded unless asked");
+        assert_eq!(counted_plain, counted, "counting does not depend on record_routing");
+        let mut tally = ExpertTally::for_model(&cfg).unwrap();
+        tally.add_routing(&recorded.routed_experts);
+        let from_counts: Vec<u64> = counted.routed.iter().map(|&c| u64::from(c)).collect();
+        assert_eq!(from_counts, tally.counts);
+        let tokens: usize = prompts.iter().map(Vec::len).sum();
+        let per_layer = (tokens * cfg.num_experts_per_tok) as u64;
+        assert_eq!(counted.moe_layers(), cfg.num_moe_layers());
+        assert_eq!(counted.computed, vec![per_layer; cfg.num_moe_layers()]);
+        assert_eq!(tally.total(), per_layer * cfg.num_moe_layers() as u64);
+        // Not all in one expert: the counts are per expert, not a copy of the total.
+        assert!(counted.routed.iter().filter(|&&c| c > 0).count() > cfg.num_experts_per_tok);
+    }
 }

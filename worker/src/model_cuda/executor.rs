@@ -6,8 +6,9 @@
 //! paged blocks, so the block tables of the step are ignored and each sequence id is mapped to a
 //! slot on first sight and freed when the step lists it in `released_seq_ids`. Capacity: the
 //! plan's `kv_blocks × kv_block_size` positions cut into slots of `max_ctx` positions
-//! (`max_position_embeddings`, capped at [`MAX_CTX_CAP`]). Does not own: W > 1 on GPUs (the
-//! factory refuses it), routed-expert recording (the GPU model keeps routing on the device).
+//! (`max_position_embeddings`, capped at [`MAX_CTX_CAP`]). Does not own: W > 1 (the factory
+//! hands those plans to `sharded.rs`), routed-expert recording (the GPU model keeps routing on
+//! the device).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +24,8 @@ use crate::weights::CheckpointReader;
 /// Longest sequence a slot holds when the model allows more.
 pub const MAX_CTX_CAP: usize = 8192;
 
-/// Builds a [`CudaExecutor`] on an already opened GPU.
+/// Builds a [`CudaExecutor`] (W = 1) or a `sharded::CudaShardedExecutor` (W > 1, with the
+/// context's world and group communicators) on an already opened GPU.
 #[derive(Debug)]
 pub struct CudaFactory {
     dev: Arc<CudaDevice>,
@@ -38,13 +40,10 @@ impl CudaFactory {
 
 impl ExecutorFactory for CudaFactory {
     fn prepare(&self, ctx: EpochContext) -> Result<Box<dyn Executor>, ExecError> {
-        let plan = &ctx.plan;
-        if plan.world_size != 1 {
-            return Err(ExecError::Unsupported(format!(
-                "world size {} on a GPU worker (the GPU executor runs W = 1)",
-                plan.world_size
-            )));
+        if ctx.plan.world_size != 1 {
+            return super::sharded::prepare(&self.dev, self.kernel_cache.as_ref(), ctx);
         }
+        let plan = &ctx.plan;
         let load = |e: String| ExecError::Load(e);
         let reader =
             CheckpointReader::open(Path::new(&plan.model_path)).map_err(|e| load(e.to_string()))?;

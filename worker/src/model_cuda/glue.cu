@@ -62,21 +62,6 @@ extern "C" __global__ void f32_to_bf16_k(const float* a, bf16_t* out, u64 n) {
         out[i] = f32_to_bf16(a[i]);
 }
 
-// y[m, n] = c · x[m, k] · w[n, k]ᵀ in f32 (router logits, indexer head weights). One thread per
-// output; a warp per output row segment reads x coalesced enough for these small GEMMs.
-extern "C" __global__ void gemm_f32_nt(const float* x, const float* w, float* y, int m, int n,
-                                       int k, float c) {
-    u64 total = (u64)m * n;
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        int r = (int)(i / n), col = (int)(i % n);
-        const float* xr = x + (u64)r * k;
-        const float* wr = w + (u64)col * k;
-        float acc = 0.0f;
-        for (int j = 0; j < k; ++j) acc += xr[j] * wr[j];
-        y[i] = c * acc;
-    }
-}
-
 // dst[rows[r]·ds + j] = src[r·ss + j] for j < width (cache writes; rows < 0 skipped).
 extern "C" __global__ void scatter_rows_bf16(const bf16_t* src, int ss, bf16_t* dst, int ds,
                                              const int* rows, int n, int width) {
@@ -88,12 +73,11 @@ extern "C" __global__ void scatter_rows_bf16(const bf16_t* src, int ss, bf16_t* 
     }
 }
 
-// Absorbed query: qa[r, h, c] = Σ_i q[r, h, i] · kv_b[h·(nope+v) + i, c] for c < kl, and
-// qa[r, h, kl + t] = q[r, h, nope + t] (the rotated rope part). q: [n, nh, nope+rope] bf16,
-// kv_b: [nh·(nope+v), kl] f32, qa: [n, nh, kl+rope] bf16.
-// qa has nh_pad ≥ nh heads per row (the decode kernel takes multiples of 16): pad heads are 0.
-extern "C" __global__ void absorb_q(const bf16_t* q, const float* kv_b, bf16_t* qa, int n, int nh,
-                                    int nh_pad, int nope, int rope, int v, int kl) {
+// The rope part of the absorbed query (the nope part is a batched GEMM, `CudaModel::absorb`):
+// qa[r, h, kl + t] = q[r, h, nope + t] for h < nh; pad heads nh ≤ h < nh_pad get zeros in all
+// kl + rope columns. q: [n, nh, nope+rope] bf16, qa: [n, nh_pad, kl+rope] bf16.
+extern "C" __global__ void absorb_rope_pad(const bf16_t* q, bf16_t* qa, int n, int nh, int nh_pad,
+                                           int nope, int rope, int kl) {
     int lat = kl + rope, qk = nope + rope;
     u64 total = (u64)n * nh_pad * lat;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
@@ -101,35 +85,8 @@ extern "C" __global__ void absorb_q(const bf16_t* q, const float* kv_b, bf16_t* 
         u64 rh = i / lat;
         int h = (int)(rh % nh_pad);
         u64 r = rh / nh_pad;
-        if (h >= nh) { qa[i] = 0; continue; }
-        const bf16_t* qr = q + (r * nh + h) * qk;
-        float acc;
-        if (c < kl) {
-            acc = 0.0f;
-            for (int t = 0; t < nope; ++t)
-                acc += bf16_to_f32(qr[t]) * kv_b[((u64)h * (nope + v) + t) * kl + c];
-        } else {
-            acc = bf16_to_f32(qr[nope + (c - kl)]);
-        }
-        qa[i] = f32_to_bf16(acc);
-    }
-}
-
-// Un-absorb: oh[r, h, j] = Σ_c ol[r, h, c] · kv_b[h·(nope+v) + nope + j, c].
-// ol: [n, nh_pad, kl] bf16 (pad heads ignored), kv_b: [nh·(nope+v), kl] f32, oh: [n, nh, v].
-extern "C" __global__ void unabsorb_o(const bf16_t* ol, const float* kv_b, bf16_t* oh, int n,
-                                      int nh, int nh_pad, int nope, int v, int kl) {
-    u64 total = (u64)n * nh * v;
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        int j = (int)(i % v);
-        u64 rh = i / v;
-        int h = (int)(rh % nh);
-        u64 r = rh / nh;
-        const bf16_t* o = ol + (r * nh_pad + h) * kl;
-        const float* wr = kv_b + ((u64)h * (nope + v) + nope + j) * kl;
-        float acc = 0.0f;
-        for (int c = 0; c < kl; ++c) acc += bf16_to_f32(o[c]) * wr[c];
-        oh[i] = f32_to_bf16(acc);
+        if (h >= nh) qa[i] = 0;
+        else if (c >= kl) qa[i] = q[(r * nh + h) * qk + nope + (c - kl)];
     }
 }
 

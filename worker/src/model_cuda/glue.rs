@@ -28,10 +28,8 @@ pub const GLUE: KernelSource = KernelSource {
         "add_bf16_into_f32",
         "bf16_to_f32_k",
         "f32_to_bf16_k",
-        "gemm_f32_nt",
         "scatter_rows_bf16",
-        "absorb_q",
-        "unabsorb_o",
+        "absorb_rope_pad",
         "add_base",
         "layernorm_f32_rows",
         "scatter_rows_f32",
@@ -187,30 +185,6 @@ impl Glue {
         Ok(())
     }
 
-    /// y[m, n] = c · x[m, k] · w[n, k]ᵀ, all f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_f32(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        m: usize,
-        n: usize,
-        k: usize,
-        c: f32,
-    ) -> Result<(), CudaError> {
-        const OP: &str = "gemm_f32_nt";
-        check(OP, "x", x.len(), m * k)?;
-        check(OP, "w", w.len(), n * k)?;
-        check(OP, "y", y.len(), m * n)?;
-        let (mi, ni, ki) = (i32_of(OP, m)?, i32_of(OP, n)?, i32_of(OP, k)?);
-        let mut b = self.stream.launch_builder(self.func(OP));
-        b.arg(x).arg(w).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&c);
-        // SAFETY: matches `gemm_f32_nt`; x, w, y checked against m × k, n × k, m × n.
-        unsafe { b.launch(grid_stride(m * n)) }.map_err(launched(OP))?;
-        Ok(())
-    }
-
     /// dst[rows[r], :width] = src[r, :width] (row strides `src_stride`, `dst_stride`).
     /// `rows` are device cache rows below `dst_rows` (the caller's invariant).
     #[allow(clippy::too_many_arguments)]
@@ -242,60 +216,48 @@ impl Glue {
         Ok(())
     }
 
-    /// Absorbed queries `[n, nh_pad, kl + rope]` from q `[n, nh, nope + rope]` and kv_b
-    /// `[nh·(nope + v), kl]` f32 (pad heads zero).
+    /// The rope columns of the absorbed queries `qa [n, nh_pad, kl + rope]` from q `[n, nh,
+    /// nope + rope]`, and zeros in the pad heads (the nope columns come from a batched GEMM).
     #[allow(clippy::too_many_arguments)]
-    pub fn absorb_q(
+    pub fn absorb_rope_pad(
         &self,
         q: &CudaSlice<bf16>,
-        kv_b: &CudaSlice<f32>,
         qa: &mut CudaSlice<bf16>,
-        n: usize,
-        nh: usize,
-        nh_pad: usize,
-        dims: (usize, usize, usize, usize),
-    ) -> Result<(), CudaError> {
-        const OP: &str = "absorb_q";
-        let (nope, rope, v, kl) = dims;
-        check(OP, "q", q.len(), n * nh * (nope + rope))?;
-        check(OP, "kv_b", kv_b.len(), nh * (nope + v) * kl)?;
-        check(OP, "qa", qa.len(), n * nh_pad * (kl + rope))?;
-        let a = [n, nh, nh_pad, nope, rope, v, kl].map(|x| x as i32);
-        let mut b = self.stream.launch_builder(self.func(OP));
-        b.arg(q).arg(kv_b).arg(qa);
-        for x in &a {
-            b.arg(x);
-        }
-        // SAFETY: matches `absorb_q`; every buffer checked against the shapes it indexes.
-        unsafe { b.launch(grid_stride(n * nh_pad * (kl + rope))) }.map_err(launched(OP))?;
-        Ok(())
-    }
-
-    /// Per-head outputs `[n, nh, v]` from latent outputs `[n, nh_pad, kl]` through kv_b's W_UV.
-    #[allow(clippy::too_many_arguments)]
-    pub fn unabsorb_o(
-        &self,
-        ol: &CudaSlice<bf16>,
-        kv_b: &CudaSlice<f32>,
-        oh: &mut CudaSlice<bf16>,
         n: usize,
         nh: usize,
         nh_pad: usize,
         dims: (usize, usize, usize),
     ) -> Result<(), CudaError> {
-        const OP: &str = "unabsorb_o";
-        let (nope, v, kl) = dims;
-        check(OP, "ol", ol.len(), n * nh_pad * kl)?;
-        check(OP, "kv_b", kv_b.len(), nh * (nope + v) * kl)?;
-        check(OP, "oh", oh.len(), n * nh * v)?;
-        let a = [n, nh, nh_pad, nope, v, kl].map(|x| x as i32);
+        const OP: &str = "absorb_rope_pad";
+        let (nope, rope, kl) = dims;
+        check(OP, "q", q.len(), n * nh * (nope + rope))?;
+        check(OP, "qa", qa.len(), n * nh_pad * (kl + rope))?;
+        let a = [n, nh, nh_pad, nope, rope, kl].map(|x| x as i32);
         let mut b = self.stream.launch_builder(self.func(OP));
-        b.arg(ol).arg(kv_b).arg(oh);
+        b.arg(q).arg(qa);
         for x in &a {
             b.arg(x);
         }
-        // SAFETY: matches `unabsorb_o`; every buffer checked against the shapes it indexes.
-        unsafe { b.launch(grid_stride(n * nh * v)) }.map_err(launched(OP))?;
+        // SAFETY: matches `absorb_rope_pad`; both buffers checked against the shapes it indexes.
+        unsafe { b.launch(grid_stride(n * nh_pad * (kl + rope))) }.map_err(launched(OP))?;
+        Ok(())
+    }
+
+    /// out[i] = bf16(a[i]) for i < n.
+    pub fn to_bf16(
+        &self,
+        a: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "f32_to_bf16_k";
+        check(OP, "a", a.len(), n)?;
+        check(OP, "out", out.len(), n)?;
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(self.func(OP));
+        b.arg(a).arg(out).arg(&n64);
+        // SAFETY: matches `f32_to_bf16_k`; both hold n (checked).
+        unsafe { b.launch(grid_stride(n)) }.map_err(launched(OP))?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use fathom_kernels::cuda::{RopeLayout, RopeShape};
 use half::bf16;
 
 use super::layer::DeviceStep;
+use super::seams::{FfnInput, OneGpu, Seams};
 use super::weights::{FfnW, LayerW, MlpW};
 use super::{CudaKvCache, CudaModel, CudaModelError};
 
@@ -23,11 +24,11 @@ impl CudaModel {
         k: usize,
     ) -> Result<CudaSlice<f32>, CudaModelError> {
         let mut y = self.dev.zeros::<f32>(m * n)?;
-        self.glue.gemm_f32(x, w, &mut y, m, n, k, 1.0)?;
+        self.blas.gemm_f32(x, w, &mut y, m, n, k, 1.0)?;
         Ok(y)
     }
 
-    fn mlp_f32(
+    pub(crate) fn mlp_f32(
         &self,
         w: &MlpW,
         x: &CudaSlice<f32>,
@@ -48,6 +49,21 @@ impl CudaModel {
         n: usize,
         st: &DeviceStep,
         cache: &mut CudaKvCache,
+    ) -> Result<(), CudaModelError> {
+        self.layer_forward_f32_with(lw, li, h, n, st, cache, &mut OneGpu::default())
+    }
+
+    /// [`Self::layer_forward_f32`] with the sharded seams of a rank (`seams.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_forward_f32_with(
+        &self,
+        lw: &LayerW,
+        li: usize,
+        h: &mut CudaSlice<f32>,
+        n: usize,
+        st: &DeviceStep,
+        cache: &mut CudaKvCache,
+        seams: &mut dyn Seams,
     ) -> Result<(), CudaModelError> {
         let c = &self.cfg;
         let (dev, ops, g) = (&self.dev, self.dev.ops(), &self.glue);
@@ -77,24 +93,27 @@ impl CudaModel {
         let shape = RopeShape { tokens: n, heads: 1, head_dim: lat, offset: kl };
         ops.rope_f32(&mut ckv, &st.pos, freqs, shape, af, RopeLayout::Interleaved)?;
         g.scatter_rows_f32(&ckv, &mut cache.latent_f32[li], cache_rows, &st.row, n, lat)?;
-        let sel = self.select(a, li, &xf, &qrf, n, st, cache)?; // [n, topk] cache rows
+        let sel = self.select_f32(a, li, &xf, &qrf, n, st, cache)?; // [n, topk] cache rows
 
         let mut qa = dev.zeros::<f32>(n * nh * lat)?; // [n, nh, kv_lora + rope]
-        g.absorb_q_f32(&q, &a.kv_b, &mut qa, n, nh, (nope, rope, v, kl))?;
+        g.absorb_q_f32(&q, a.kv_b.f32()?, &mut qa, n, nh, (nope, rope, v, kl))?;
         let mut ol = dev.zeros::<f32>(n * nh * kl)?; // [n, nh, kv_lora]
         let dims = (kl, rope, topk, cache_rows);
         g.mla_sparse_f32(&qa, &cache.latent_f32[li], &sel, &mut ol, n, nh, dims, self.scale)?;
         let mut oh = dev.zeros::<f32>(n * nh * v)?; // [n, nh, v]
-        g.unabsorb_o_f32(&ol, &a.kv_b, &mut oh, n, nh, (nope, v, kl))?;
+        g.unabsorb_o_f32(&ol, a.kv_b.f32()?, &mut oh, n, nh, (nope, v, kl))?;
         let attn = self.mm_f32(&oh, a.o_proj.f32()?, n, hd, nh * v)?; // [n, hidden]
-        g.add_f32_into(h, &attn, n * hd)?;
+        seams.add_reduced_f32(self, h, &attn, n)?;
 
         // ---- FFN
         g.rmsnorm_f32_rows(h, &lw.ffn_norm, &mut xb, &mut xf, n, hd, eps)?;
         match &lw.ffn {
             FfnW::Dense(w) => {
                 let f = self.mlp_f32(w, &xf, n)?;
-                g.add_f32_into(h, &f, n * hd)?;
+                seams.add_reduced_f32(self, h, &f, n)?;
+            }
+            FfnW::Ep(w) => {
+                seams.expert_parallel(self, li, w, FfnInput { xb: &xb, xf: &xf }, h, n)?
             }
             FfnW::Moe { gate, bias, w13, w2, inner, shared } => {
                 let (e, k) = (self.router.n_experts, self.router.top_k);
@@ -102,6 +121,9 @@ impl CudaModel {
                 let mut ids = dev.zeros::<i32>(n * k)?; // [n, k]
                 let mut wts = dev.zeros::<f32>(n * k)?;
                 ops.router_select(&logits, bias, &mut ids, &mut wts, n, &self.router)?;
+                if let Some(r) = seams.recorder() {
+                    r.push_device_ids(self, &ids, n)?;
+                }
                 let mut act = dev.zeros::<f32>(n * k * inner)?; // [n, k, inner]
                 let mut routed = dev.zeros::<f32>(n * hd)?; // [n, hidden]
                 let shape = (n, k, hd, *inner, e);

@@ -5,7 +5,8 @@
 //! cache ([`CudaKvCache`]: per layer a bf16 latent `[c | k_pe]` and an f32 indexer-key buffer,
 //! one contiguous region of `max_ctx` rows per sequence slot), and the batched forward
 //! ([`CudaModel::forward`], mirroring `Model::forward`: prefill chunks and decodes mix freely).
-//! Does not own: sampling, slot allocation (callers pick slots), multi-GPU layouts, MTP.
+//! Does not own: sampling, slot allocation (callers pick slots), MTP; the sharded forward of one
+//! rank (W > 1) is `rank.rs` (it reuses these layers through the `seams.rs` hooks).
 //!
 //! Numerics ([`Precision`]): under `F32` (an f32 checkpoint at its own precision, what the golden
 //! test runs) every weight, activation, cache entry and op is fp32 (`layer_f32.rs`): the GPU
@@ -13,8 +14,11 @@
 //! router decisions agree. Under `Bf16` (what fits a real checkpoint) the residual stream is f32
 //! on the device; GEMM weights and activations between ops are bf16 (cuBLAS, fp32
 //! accumulation); norms, the q-LoRA down projection, router logits,
-//! the whole indexer (its top-k is discrete: bf16 noise would flip selections the f32 reference
-//! makes with margins of 1e-4) and the MLA absorption (`kv_b_proj`) run in fp32. Attention is the absorbed sparse form for every row
+//! and the indexer's projections run in fp32 (cuBLAS SGEMM); the indexer then takes the FP8
+//! path of spec §2.3 (Hadamard rotation, e4m3 with ue8m0 scales, e4m3 tensor-core scoring with
+//! fp32 accumulation: `indexer_rotate_quant_fp8`, `indexer_scores_fp8_rows`); the
+//! MLA absorption and un-absorption are bf16 strided-batched GEMMs over the heads (`kv_b_proj`
+//! in bf16). Attention is the absorbed sparse form for every row
 //! (prefill too): each query row gets its own `index_topk` selection (all causal keys when the
 //! context is ≤ `index_topk`, the indexer's top-k otherwise — exactly the CPU rule) and goes
 //! through the sparse MLA decode kernel. The MoE experts op synchronises the stream once per MoE
@@ -29,6 +33,11 @@ pub mod executor;
 mod glue;
 mod layer;
 mod layer_f32;
+pub mod rank;
+mod rank_moe;
+mod rank_weights;
+mod seams;
+pub mod sharded;
 mod weights;
 
 use fathom_common::{ConfigError, ModelConfig};
@@ -83,6 +92,8 @@ pub enum CudaModelError {
     BadTokens { count: i32 },
     #[error("a weight was loaded at another precision than the {want:?} forward needs")]
     Precision { want: Precision },
+    #[error(transparent)]
+    Parallel(#[from] crate::parallel::ParallelError),
 }
 
 /// One sequence's part of a step: new `tokens` at positions `start_pos ..`, in cache slot `slot`.
@@ -93,14 +104,18 @@ pub struct CudaSeqInput<'a> {
     pub slot: usize,
 }
 
-/// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` (bf16 under
-/// [`Precision::Bf16`] in `latent`, f32 under [`Precision::F32`] in `latent_f32`; the other is
-/// empty) and indexer keys `[slots·max_ctx, index_head_dim]` f32.
+/// Device cache: per layer a latent `[slots·max_ctx, kv_lora + rope]` and indexer keys
+/// `[slots·max_ctx, index_head_dim]`. Under [`Precision::Bf16`] the latent is bf16 (`latent`) and
+/// the keys are the FP8 path's Hadamard-rotated e4m3 codes with one ue8m0 scale per key
+/// (`index_fp8`, `index_scale`: 132 B per key at d = 128, as DeepSeek's inference stores them);
+/// under [`Precision::F32`] both are f32 (`latent_f32`, `index`). The other set is empty.
 #[derive(Debug)]
 pub struct CudaKvCache {
     pub(crate) latent: Vec<CudaSlice<bf16>>,
     pub(crate) latent_f32: Vec<CudaSlice<f32>>,
     pub(crate) index: Vec<CudaSlice<f32>>,
+    pub(crate) index_fp8: Vec<CudaSlice<u8>>,
+    pub(crate) index_scale: Vec<CudaSlice<f32>>,
     slots: usize,
     max_ctx: usize,
 }
@@ -131,6 +146,8 @@ pub struct CudaModel {
     attention_factor: f32,
     scale: f32,
     router: RouterParams,
+    /// Routed experts through one grouped cuBLAS call per GEMM (default) or a call per expert.
+    grouped_experts: bool,
 }
 
 impl CudaModel {
@@ -181,9 +198,17 @@ impl CudaModel {
             head,
             layers,
             router,
+            grouped_experts: true,
             cfg,
             dev,
         })
+    }
+
+    /// Routed experts (bf16 forward) through one grouped cuBLAS GEMM per projection (the default:
+    /// 1.2–1.4× faster at decode batch 64–256 on the H200, docs/perf/gpu-layer.md) or one call
+    /// per expert (`MoeScratch::grouped`).
+    pub fn set_grouped_experts(&mut self, on: bool) {
+        self.grouped_experts = on;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -211,23 +236,33 @@ impl CudaModel {
         }
         let rows = slots * max_ctx;
         let lat = c.kv_lora_rank + c.qk_rope_head_dim;
-        let (mut latent, mut latent_f32, mut index) = (Vec::new(), Vec::new(), Vec::new());
+        let id = c.index_head_dim;
+        let (mut latent, mut latent_f32) = (Vec::new(), Vec::new());
+        let (mut index, mut index_fp8, mut index_scale) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..c.num_hidden_layers {
             match self.precision {
-                Precision::Bf16 => latent.push(self.dev.zeros::<bf16>(rows * lat)?),
-                Precision::F32 => latent_f32.push(self.dev.zeros::<f32>(rows * lat)?),
+                Precision::Bf16 => {
+                    latent.push(self.dev.zeros::<bf16>(rows * lat)?);
+                    index_fp8.push(self.dev.zeros::<u8>(rows * id)?);
+                    index_scale.push(self.dev.zeros::<f32>(rows)?);
+                }
+                Precision::F32 => {
+                    latent_f32.push(self.dev.zeros::<f32>(rows * lat)?);
+                    index.push(self.dev.zeros::<f32>(rows * id)?);
+                }
             }
-            index.push(self.dev.zeros::<f32>(rows * c.index_head_dim)?);
         }
-        Ok(CudaKvCache { latent, latent_f32, index, slots, max_ctx })
+        Ok(CudaKvCache { latent, latent_f32, index, index_fp8, index_scale, slots, max_ctx })
     }
 
     fn validate(&self, seqs: &[CudaSeqInput], cache: &CudaKvCache) -> Result<(), CudaModelError> {
-        let latents = match self.precision {
-            Precision::Bf16 => cache.latent.len(),
-            Precision::F32 => cache.latent_f32.len(),
+        let (latents, keys) = match self.precision {
+            Precision::Bf16 => {
+                (cache.latent.len(), cache.index_fp8.len().min(cache.index_scale.len()))
+            }
+            Precision::F32 => (cache.latent_f32.len(), cache.index.len()),
         };
-        if latents != self.cfg.num_hidden_layers || cache.index.len() != latents {
+        if latents != self.cfg.num_hidden_layers || keys != latents {
             return Err(CudaModelError::Cache(format!(
                 "cache has {latents} {:?} layers, the model {}",
                 self.precision, self.cfg.num_hidden_layers
@@ -261,8 +296,8 @@ impl CudaModel {
 
     /// One step over a batch: writes the new tokens' latents and indexer keys into `cache`,
     /// returns the requested logits (f32) and the final residual stream. `record_hidden` records
-    /// every layer's residual stream (downloads); `record_routing` is not supported here (the
-    /// routing stays on the device) and leaves `routed_experts` empty.
+    /// every layer's residual stream (downloads); `record_routing` records each row's routed
+    /// experts per MoE layer (one download per MoE layer, only when asked).
     pub fn forward(
         &self,
         seqs: &[CudaSeqInput],
@@ -308,10 +343,15 @@ impl CudaModel {
         if opts.record_hidden {
             out.layer_hidden.push(dev.download(&h)?);
         }
+        let routing = opts.record_routing.then(|| seams::RoutingRecorder::new(n));
+        let mut seams = seams::OneGpu { routing };
         for (i, lw) in self.layers.iter().enumerate() {
+            let s = &mut seams;
             match self.precision {
-                Precision::Bf16 => self.layer_forward(lw, i, &mut h, n, &dstep, cache)?,
-                Precision::F32 => self.layer_forward_f32(lw, i, &mut h, n, &dstep, cache)?,
+                Precision::Bf16 => self.layer_forward_with(lw, i, &mut h, n, &dstep, cache, s)?,
+                Precision::F32 => {
+                    self.layer_forward_f32_with(lw, i, &mut h, n, &dstep, cache, s)?
+                }
             }
             if opts.record_hidden {
                 out.layer_hidden.push(dev.download(&h)?);
@@ -338,7 +378,7 @@ impl CudaModel {
                     self.blas.gemm_bf16(&xb, w, &mut lb, n, vocab, hd)?;
                     self.glue.to_f32(&lb, &mut lf, n * vocab)?;
                 }
-                Mat::F32(w) => self.glue.gemm_f32(&xf, w, &mut lf, n, vocab, hd, 1.0)?,
+                Mat::F32(w) => self.blas.gemm_f32(&xf, w, &mut lf, n, vocab, hd, 1.0)?,
             }
             let all = dev.download(&lf)?;
             for &r in &out.logit_rows {
@@ -346,6 +386,9 @@ impl CudaModel {
             }
         }
         out.hidden = dev.download(&h)?;
+        if let Some(r) = seams.routing {
+            out.routed_experts = r.rows;
+        }
         Ok(out)
     }
 }
@@ -390,6 +433,7 @@ impl CudaModel {
             head,
             layers,
             router,
+            grouped_experts: true,
             cfg,
             dev,
         })
@@ -410,6 +454,12 @@ impl CudaModel {
         }
         for (l, idx) in cache.index.iter_mut().enumerate() {
             ops.fill_uniform_f32(idx, seed.wrapping_add(2 * l as u32 + 1), -1.0, 1.0)?;
+        }
+        for (l, idx) in cache.index_fp8.iter_mut().enumerate() {
+            ops.fill_uniform_e4m3(idx, seed.wrapping_add(2 * l as u32 + 1), 448.0)?;
+        }
+        for (l, sc) in cache.index_scale.iter_mut().enumerate() {
+            ops.fill_uniform_f32(sc, seed.wrapping_add(2 * l as u32 + 1), 0.01, 0.02)?;
         }
         Ok(self.dev.synchronize()?)
     }

@@ -3,7 +3,8 @@
 //! (cuBLAS) under [`Precision::Bf16`] and f32 under [`Precision::F32`]; norm weights, the router
 //! (`mlp.gate`), `q_a_proj` and the whole indexer (its discrete top-k must follow the f32
 //! reference) and `kv_b_proj` (used by the absorption kernels in fp32) are f32 in both.
-//! One rank holds everything (W = 1).
+//! [`LayerW::load`] holds everything (W = 1); a rank's shard is loaded by `rank_weights.rs`
+//! into the same types.
 
 use fathom_common::ModelConfig;
 use fathom_kernels::cuda::CudaDevice;
@@ -35,7 +36,7 @@ pub(crate) fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
-fn up_f32(
+pub(crate) fn up_f32(
     dev: &CudaDevice,
     src: &dyn TensorSource,
     name: &str,
@@ -69,14 +70,18 @@ impl Mat {
     }
 }
 
-fn up_mat_host(dev: &CudaDevice, v: Vec<f32>, prec: Precision) -> Result<Mat, CudaModelError> {
+pub(crate) fn up_mat_host(
+    dev: &CudaDevice,
+    v: Vec<f32>,
+    prec: Precision,
+) -> Result<Mat, CudaModelError> {
     Ok(match prec {
         Precision::Bf16 => Mat::Bf16(dev.upload(&to_bf16(&v))?),
         Precision::F32 => Mat::F32(dev.upload(&v)?),
     })
 }
 
-fn up_mat(
+pub(crate) fn up_mat(
     dev: &CudaDevice,
     src: &dyn TensorSource,
     name: &str,
@@ -94,7 +99,7 @@ pub(crate) struct AttnW {
     pub q_b: Mat,                 // [heads·(nope+rope), q_lora]
     pub kv_a: Mat,                // [kv_lora + rope, hidden]
     pub kv_norm: CudaSlice<f32>,  // [kv_lora]
-    pub kv_b: CudaSlice<f32>,     // [heads·(nope+v), kv_lora]
+    pub kv_b: Mat,                // [heads·(nope+v), kv_lora]
     pub o_proj: Mat,              // [hidden, heads·v]
     pub idx_wq_b: CudaSlice<f32>, // [H_I·d, q_lora]
     pub idx_wk: CudaSlice<f32>,   // [d, hidden]
@@ -124,6 +129,9 @@ pub(crate) enum FfnW {
         inner: usize,
         shared: Option<MlpW>,
     },
+    /// A MoE layer of a sharded rank: the router, this rank's routed experts and the shared
+    /// expert (`rank_moe.rs`), run through the expert-parallel seam.
+    Ep(Box<super::rank_moe::EpW>),
 }
 
 #[derive(Debug)]
@@ -134,7 +142,7 @@ pub(crate) struct LayerW {
     pub ffn: FfnW,
 }
 
-fn gate_up_host(
+pub(crate) fn gate_up_host(
     src: &dyn TensorSource,
     prefix: &str,
     hidden: usize,
@@ -190,7 +198,7 @@ impl LayerW {
                 prec,
             )?,
             kv_norm: up_f32(dev, src, &format!("{a}.kv_a_layernorm.weight"), &[kl])?,
-            kv_b: up_f32(dev, src, &format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), kl])?,
+            kv_b: up_mat(dev, src, &format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), kl], prec)?,
             o_proj: up_mat(dev, src, &format!("{a}.o_proj.weight"), &[h, nh * v], prec)?,
             idx_wq_b: up_f32(dev, src, &format!("{a}.indexer.wq_b.weight"), &[ih * id, ql])?,
             idx_wk: up_f32(dev, src, &format!("{a}.indexer.wk.weight"), &[id, h])?,
@@ -316,7 +324,7 @@ impl RandomInit<'_> {
             q_b: self.mat(nh * (nope + rope), ql)?,
             kv_a: self.mat(kl + rope, h)?,
             kv_norm: self.f32(kl, 0.9, 1.1)?,
-            kv_b: self.lin_f32(nh * (nope + v), kl)?,
+            kv_b: self.mat(nh * (nope + v), kl)?,
             o_proj: self.mat(h, nh * v)?,
             idx_wq_b: self.lin_f32(ih * id, ql)?,
             idx_wk: self.lin_f32(id, h)?,

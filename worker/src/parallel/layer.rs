@@ -6,10 +6,10 @@
 use super::moe::{EpMoe, MoeCounts};
 use super::{ParallelError, RankForwardOptions, even_range};
 use crate::kv::PagedKvCache;
-use crate::model::StepCtx;
 use crate::model::ffn::SwiGlu;
 use crate::model::load;
 use crate::model::mla::Mla;
+use crate::model::{Phase, StepCtx};
 use crate::weights::TensorSource;
 use fathom_common::ModelConfig;
 use fathom_common::ids::Rank;
@@ -122,6 +122,7 @@ impl RankLayer {
     ) -> Result<LayerOut, ParallelError> {
         let n = ctx.n_tokens();
         if n > 0 {
+            ctx.mark(Some(self.index), Phase::Attention);
             let x = rms_norm_new(h, &self.attn_norm, self.eps, self.hidden);
             let attention = tracing::trace_span!("attention", layer = self.index).entered();
             let mut a = self.attn.forward(&x, ctx, cache, self.index)?; // [n, hidden] partial
@@ -138,6 +139,7 @@ impl RankLayer {
                 if n == 0 {
                     return Ok((None, None));
                 }
+                ctx.mark(Some(self.index), Phase::Ffn);
                 let _ffn = tracing::trace_span!("ffn", layer = self.index).entered();
                 let mut f = mlp.forward(&x); // [n, hidden] partial
                 group.all_reduce_sum_f32(&mut f)?;
@@ -145,7 +147,7 @@ impl RankLayer {
             }
             RankFfn::Moe(moe) => {
                 let (f, r, c) =
-                    moe.forward(&x, self.index, world, group, plan, opts.base.record_routing)?;
+                    moe.forward(&x, self.index, ctx, world, group, plan, opts.base.record_routing)?;
                 (f, r, Some(c))
             }
         };

@@ -41,7 +41,7 @@
 mod counting;
 mod generate;
 mod layer;
-mod moe;
+pub(crate) mod moe;
 mod placement;
 mod reuse;
 mod table;
@@ -123,6 +123,8 @@ pub struct RankModel {
     head: LmHead,
     freqs: Vec<f32>,
     attention_factor: f32,
+    /// The layer and phase of the running forward (for the watchdog).
+    progress: std::sync::Arc<crate::model::StepPhase>,
 }
 
 impl RankModel {
@@ -176,7 +178,13 @@ impl RankModel {
             rank,
             plan: plan.clone(),
             cfg,
+            progress: Default::default(),
         })
+    }
+
+    /// The cell every forward of this rank writes its layer and phase into.
+    pub fn step_phase(&self) -> std::sync::Arc<crate::model::StepPhase> {
+        self.progress.clone()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -262,7 +270,8 @@ impl RankModel {
     ) -> Result<(ForwardOutput, StepLoad), ParallelError> {
         self.check_comms(world, group)?;
         crate::model::validate_batch(&self.cfg, seqs, cache)?;
-        let ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        let mut ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
+        ctx.progress = Some(&self.progress);
         let n = ctx.n_tokens();
         let hdim = self.cfg.hidden_size;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -291,6 +300,7 @@ impl RankModel {
                 }
             }
         }
+        ctx.mark(None, crate::model::Phase::Head);
         out.logit_rows = match opts.base.logits {
             LogitsMode::None => Vec::new(),
             LogitsMode::LastPerSeq => (0..seqs.len()).map(|s| ctx.seq_rows(s).end - 1).collect(),
@@ -316,23 +326,79 @@ impl RankModel {
         rows: usize,
         group: &mut dyn Collective,
     ) -> Result<Vec<f32>, ParallelError> {
-        let (t, v) = (self.plan.tp, self.cfg.vocab_size);
-        let width = v.div_ceil(t); // padded part width
-        let mine = self.head.vocab();
-        let mut send = vec![0.0f32; rows * width]; // [rows, width]
+        gather_vocab_parts(local, rows, self.cfg.vocab_size, group)
+    }
+}
+
+/// Vocab-parallel logits of this group rank, `[rows, even_range(vocab, T, k).len()]`, → the full
+/// `[rows, vocab]` on every rank of `group` (one all-gather of parts padded to equal width).
+/// Shared by the CPU and GPU rank models.
+pub(crate) fn gather_vocab_parts(
+    local: &[f32],
+    rows: usize,
+    v: usize,
+    group: &mut dyn Collective,
+) -> Result<Vec<f32>, ParallelError> {
+    let t = group.world_size();
+    let width = v.div_ceil(t); // padded part width
+    let mine = even_range(v, t, group.rank()).len();
+    if local.len() != rows * mine {
+        return Err(ParallelError::Layout {
+            what: "local logits (rows x vocabulary part)",
+            expected: rows * mine,
+            got: local.len(),
+        });
+    }
+    let mut send = vec![0.0f32; rows * width]; // [rows, width]
+    for r in 0..rows {
+        send[r * width..r * width + mine].copy_from_slice(&local[r * mine..(r + 1) * mine]);
+    }
+    let mut recv = vec![0.0f32; t * rows * width]; // [t, rows, width]
+    group.all_gather_pod(&send, &mut recv)?;
+    let mut logits = vec![0.0f32; rows * v]; // [rows, vocab]
+    for k in 0..t {
+        let part = even_range(v, t, k);
         for r in 0..rows {
-            send[r * width..r * width + mine].copy_from_slice(&local[r * mine..(r + 1) * mine]);
+            let src = &recv[(k * rows + r) * width..(k * rows + r) * width + part.len()];
+            logits[r * v + part.start..r * v + part.end].copy_from_slice(src);
         }
-        let mut recv = vec![0.0f32; t * rows * width]; // [t, rows, width]
-        group.all_gather_pod(&send, &mut recv)?;
-        let mut logits = vec![0.0f32; rows * v]; // [rows, vocab]
-        for k in 0..t {
-            let part = even_range(v, t, k);
-            for r in 0..rows {
-                let src = &recv[(k * rows + r) * width..(k * rows + r) * width + part.len()];
-                logits[r * v + part.start..r * v + part.end].copy_from_slice(src);
+    }
+    Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fathom_kernels::comm::LocalComm;
+
+    #[test]
+    fn vocab_parts_gather_to_full_rows() {
+        let (rows, v) = (2usize, 7usize);
+        let full: Vec<f32> = (0..rows * v).map(|i| i as f32).collect(); // [rows, vocab]
+        for t in [1usize, 2, 3] {
+            let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let hs: Vec<_> = LocalComm::create(t)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, mut c)| {
+                        let part = even_range(v, t, k);
+                        let local: Vec<f32> = (0..rows)
+                            .flat_map(|r| full[r * v + part.start..r * v + part.end].to_vec())
+                            .collect();
+                        s.spawn(move || {
+                            // A part of the wrong width is a layout error, not a panic.
+                            if k == 0 && t > 1 {
+                                assert!(gather_vocab_parts(&local[1..], rows, v, &mut c).is_err());
+                            }
+                            gather_vocab_parts(&local, rows, v, &mut c).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|j| j.join().unwrap()).collect()
+            });
+            for g in got {
+                assert_eq!(g, full, "t={t}");
             }
         }
-        Ok(logits)
     }
 }

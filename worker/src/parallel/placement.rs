@@ -21,15 +21,8 @@ use fathom_common::ids::Rank;
 use fathom_common::plan::ParallelPlan;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One rank's expert load in one step (counted per layer from lists the step builds anyway).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StepLoad {
-    /// `[moe_layers][n_routed_experts]` flattened: tokens of this rank's slice routed to each
-    /// logical expert.
-    pub routed: Vec<u32>,
-    /// `[moe_layers]`: (token, expert) assignments this rank's expert slots computed.
-    pub computed: Vec<u64>,
-}
+/// One rank's expert load in one step (the type is shared with the one-rank model).
+pub use crate::model::experts::StepLoad;
 
 impl StepLoad {
     pub(super) fn push(&mut self, counts: Option<MoeCounts>) {

@@ -87,6 +87,8 @@ impl RankModel {
             head,
             freqs: prev.freqs,
             attention_factor: prev.attention_factor,
+            // A new epoch's executor starts with a fresh phase cell.
+            progress: Default::default(),
         };
         Ok((model, report))
     }
