@@ -64,6 +64,7 @@ pub struct CoordinatorMetrics {
     pub tokens_total: IntCounterVec,
     pub worker_up: IntGaugeVec,
     pub epoch: IntGauge,
+    pub watchdog_stalls: IntCounterVec,
 }
 
 impl CoordinatorMetrics {
@@ -81,6 +82,7 @@ impl CoordinatorMetrics {
         registry.register(Box::new(m.tokens_total.clone()))?;
         registry.register(Box::new(m.worker_up.clone()))?;
         registry.register(Box::new(m.epoch.clone()))?;
+        registry.register(Box::new(m.watchdog_stalls.clone()))?;
         Ok(m)
     }
 
@@ -143,6 +145,15 @@ impl CoordinatorMetrics {
                 &["worker"],
             )?,
             epoch: IntGauge::new("fathom_epoch", "The epoch being served (0: none yet).")?,
+            watchdog_stalls: IntCounterVec::new(
+                Opts::new(
+                    "fathom_watchdog_stalls_total",
+                    "Ranks the step watchdog reported as not having answered a step by its \
+                     deadline, by worker and the phase the rank last reported (queued, started, \
+                     attention, dispatch, experts, combine, head, ...).",
+                ),
+                &["worker", "phase"],
+            )?,
         })
     }
 
@@ -166,6 +177,7 @@ mod tests {
         m.kv_blocks.with_label_values(&["free"]).set(3);
         m.step_seconds.with_label_values(&["execute"]).observe(0.01);
         m.worker_up.with_label_values(&["w0"]).set(1);
+        m.watchdog_stalls.with_label_values(&["w1", "dispatch"]).inc();
         let mut out = Vec::new();
         prometheus::TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -175,6 +187,7 @@ mod tests {
             "fathom_kv_blocks{state=\"free\"} 3",
             "fathom_step_seconds_count{phase=\"execute\"} 1",
             "fathom_worker_up{worker=\"w0\"} 1",
+            "fathom_watchdog_stalls_total{phase=\"dispatch\",worker=\"w1\"} 1",
             "fathom_epoch 0",
             "fathom_queue_depth 0",
         ] {

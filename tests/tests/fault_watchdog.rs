@@ -10,7 +10,9 @@
 
 mod cluster_support;
 
-use cluster_support::{Cluster, Reference, eventually, generate, greedy_request, signal};
+use cluster_support::{
+    Cluster, Reference, eventually, generate, greedy_request, port, scrape, signal,
+};
 use fathom_proto::v1::{ClusterState, ClusterStatusResponse};
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,9 @@ async fn wait_report(c: &Cluster, rank: u32, after: usize) -> (ClusterStatusResp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
+    let metrics = format!("127.0.0.1:{}", port());
     let extra = vec![
+        format!("--metrics-listen={metrics}"),
         format!("--watchdog-ms={WATCHDOG_MS}"),
         "--step-timeout-ms=20000".into(),
         "--migrate-timeout-ms=60000".into(),
@@ -105,6 +109,15 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
     assert!(w1.detail.contains("watchdog"), "{w1:?}");
     let w0 = s.workers.iter().find(|w| w.worker_id == "w0").expect("w0 in status");
     assert!(w0.detail.contains(&format!("layer {} ", r0.layer)), "{w0:?}");
+    // ... and counted: fathom_watchdog_stalls_total{worker, phase} per stalled rank.
+    let m = scrape(&metrics).expect("coordinator /metrics");
+    for st in &r.missing {
+        let worker = s.workers.iter().find(|x| x.rank == Some(st.rank)).map(|x| &x.worker_id);
+        let worker = worker.unwrap_or_else(|| panic!("rank {} in status: {s:?}", st.rank));
+        let series =
+            format!("fathom_watchdog_stalls_total{{phase=\"{}\",worker=\"{worker}\"}}", st.phase);
+        assert!(m.get(&series).is_some_and(|&v| v >= 1.0), "{series} missing or 0: {m:?}");
+    }
     let epoch = s.epoch;
     eprintln!("first report after {:?}", t0.elapsed());
     signal(pid, "CONT");

@@ -6,7 +6,7 @@
 mod cluster_support;
 
 use anyhow::{Context, Result, bail};
-use cluster_support::{fathom_bin, generate, greedy_request, port, tiny_model};
+use cluster_support::{fathom_bin, generate, greedy_request, port, scrape, tiny_model};
 use fathom_proto::v1::inference_client::InferenceClient;
 use fathom_proto::v1::{GenerateRequest, SamplingParams, generate_request};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -276,25 +276,6 @@ impl Procs {
 
 // ---------------------------------------------------------------------------------------------
 // Prometheus scraping.
-
-/// `GET /metrics` at `addr` → `series (name{labels}) → value`.
-fn scrape(addr: &str) -> Result<HashMap<String, f64>> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET /metrics at {addr}: {head}");
-    }
-    let mut out = HashMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (series, value) = line.rsplit_once(' ').context("metric line without value")?;
-        out.insert(series.to_string(), value.parse::<f64>()?);
-    }
-    Ok(out)
-}
 
 fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)

@@ -8,7 +8,8 @@
 //! [`place`].
 //!
 //! The report is a diagnosis, not a verdict: it is logged (WARN), kept in the status snapshot
-//! (ClusterStatus.watchdog, newest first, at most [`HISTORY`]) and counted; the stalled ranks
+//! (ClusterStatus.watchdog, newest first, at most [`HISTORY`]) and counted (the status counter,
+//! and `fathom_watchdog_stalls_total{worker, phase}` per stalled rank); the stalled ranks
 //! are marked unhealthy with a detail naming the step. The verdict comes at the step timeout
 //! (the link's bounded `recv`): the epoch fails and its sequences migrate. A rank that answers
 //! after the report (e.g. a stopped process continued) clears its mark.
@@ -83,6 +84,7 @@ impl Engine {
     fn report_stall(&mut self, step_id: u64, started: Instant, missing: Vec<RankStalled>) {
         let stalled_ms = started.elapsed().as_millis() as u64;
         for m in &missing {
+            self.metrics.watchdog_stalls.with_label_values(&[m.worker_id.as_str(), &m.phase]).inc();
             tracing::warn!(
                 epoch = self.epoch,
                 step_id,

@@ -13,6 +13,7 @@ use fathom_proto::v1::{
 };
 use fathom_worker::model::{ForwardOptions, Model, SeqInput, ShardSpec};
 use fathom_worker::weights::{CheckpointReader, SynthOptions, synth_checkpoint};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -589,4 +590,24 @@ impl Cluster {
         });
         Ok((child, rx))
     }
+}
+
+/// `GET /metrics` at `addr` → `series (name{labels}) → value`.
+pub fn scrape(addr: &str) -> Result<HashMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /metrics at {addr}: {head}");
+    }
+    let mut out = HashMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').context("metric line without value")?;
+        out.insert(series.to_string(), value.parse::<f64>()?);
+    }
+    Ok(out)
 }
