@@ -19,8 +19,18 @@ use std::time::{Duration, Instant};
 const WATCHDOG_MS: u64 = 1500;
 
 /// Every phase a report may name (worker.proto `StepProgress`, plus the watchdog's `queued`).
-const PHASES: [&str; 9] =
-    ["queued", "started", "attention", "ffn", "dispatch", "experts", "combine", "head", "sample"];
+const PHASES: [&str; 10] = [
+    "queued",
+    "started",
+    "embed",
+    "attention",
+    "ffn",
+    "dispatch",
+    "experts",
+    "combine",
+    "head",
+    "sample",
+];
 /// The phases inside a layer: reported with the layer's index, the others with -1.
 const LAYER_PHASES: [&str; 5] = ["attention", "ffn", "dispatch", "experts", "combine"];
 
@@ -93,22 +103,28 @@ async fn sigstop_is_named_by_the_watchdog_then_sigcont_or_kill_resolves() {
         let in_layer = LAYER_PHASES.contains(&m.phase.as_str());
         assert_eq!(m.layer >= 0, in_layer, "a layer phase, and only it, names its layer: {m:?}");
     }
-    // Rank 0 runs on: every step's layers hold collectives over both ranks (the MoE
-    // all-to-alls; the attention all-reduce when T = 2), so it waits for the stopped rank inside
-    // a layer (for ≫ the 100 ms progress sampling) and says where.
+    // Rank 0 runs on: every step holds collectives over both ranks (the vocabulary-parallel
+    // embedding all-reduce, then per layer the attention all-reduce at T = 2 and the MoE
+    // all-to-alls, then the LM head's all-gather), so it waits for the stopped rank in one of
+    // them (for ≫ the 100 ms progress sampling) and says which: a layer and its phase, or the
+    // embedding / head exchange when the stop caught rank 1 before the first or after the last
+    // layer.
     let r0 = r
         .missing
         .iter()
         .find(|m| m.rank == 0)
         .unwrap_or_else(|| panic!("rank 0 waits for rank 1: {r:?}"));
-    assert!(
-        LAYER_PHASES.contains(&r0.phase.as_str()) && r0.layer >= 0,
-        "rank 0 names the layer and phase it waits in: {r0:?}"
-    );
+    let in_layer = LAYER_PHASES.contains(&r0.phase.as_str()) && r0.layer >= 0;
+    let at_exchange = ["embed", "head"].contains(&r0.phase.as_str()) && r0.layer == -1;
+    assert!(in_layer || at_exchange, "rank 0 names the collective it waits in: {r0:?}");
     let w1 = s.workers.iter().find(|w| w.worker_id == "w1").expect("w1 in status");
     assert!(w1.detail.contains("watchdog"), "{w1:?}");
     let w0 = s.workers.iter().find(|w| w.worker_id == "w0").expect("w0 in status");
-    assert!(w0.detail.contains(&format!("layer {} ", r0.layer)), "{w0:?}");
+    if in_layer {
+        assert!(w0.detail.contains(&format!("layer {} ", r0.layer)), "{w0:?}");
+    } else {
+        assert!(w0.detail.contains(&r0.phase), "{w0:?}");
+    }
     // ... and counted: fathom_watchdog_stalls_total{worker, phase} per stalled rank.
     let m = scrape(&metrics).expect("coordinator /metrics");
     for st in &r.missing {

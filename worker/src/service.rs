@@ -44,6 +44,9 @@ struct Inner {
     last_step_id: u64,
     detail: String,
     executor: Option<SharedExecutor>,
+    /// The prepared executor's phase cell, taken when it was installed: reading it never waits
+    /// for (or races with) the executor's lock.
+    phase: Option<Arc<crate::model::StepPhase>>,
 }
 
 /// The Worker service. Cheap to clone (shared state).
@@ -73,6 +76,7 @@ impl WorkerService {
                 last_step_id: 0,
                 detail: String::new(),
                 executor: None,
+                phase: None,
             })),
             shutdown: watch::channel(false).0,
             lease_held: Arc::default(),
@@ -161,11 +165,9 @@ fn take_weights(previous: Option<SharedExecutor>) -> Option<HeldWeights> {
     executor.into_weights()
 }
 
-/// The prepared executor's phase cell (`None` when there is none, or it is busy).
+/// The prepared executor's phase cell (`None` when there is none).
 fn step_phase(inner: &Mutex<Inner>) -> Option<Arc<crate::model::StepPhase>> {
-    let ex = inner.lock().unwrap_or_else(|p| p.into_inner()).executor.clone()?;
-    let ex = ex.try_lock().ok()?;
-    ex.step_phase()
+    inner.lock().unwrap_or_else(|p| p.into_inner()).phase.clone()
 }
 
 type BoxedComm = Box<dyn Collective>;
@@ -257,6 +259,7 @@ impl Worker for WorkerService {
             g.epoch = plan.epoch;
             g.rank = Some(rank);
             previous = g.executor.take();
+            g.phase = None;
             g.last_step_id = 0;
             g.detail = format!("preparing epoch {}", plan.epoch);
         }
@@ -295,6 +298,7 @@ impl Worker for WorkerService {
             Ok((ex, comm_init_ms)) => {
                 let weight_bytes = ex.weight_bytes();
                 let cost = ex.prepare_cost();
+                g.phase = ex.step_phase();
                 g.executor = Some(Arc::new(Mutex::new(ex)));
                 g.state = WorkerState::Ready;
                 g.detail = format!("ready for epoch {epoch} as rank {rank}");
@@ -361,8 +365,12 @@ impl Worker for WorkerService {
                 let span = tracing::debug_span!("step", epoch, step_id, rank);
                 crate::telemetry::parent_from_carrier(&span, &step.trace_context);
                 let metrics = metrics.clone();
-                // Layer and phase while the step runs, for the watchdog (step_progress.rs).
+                // Layer and phase while the step runs, for the watchdog (step_progress.rs):
+                // reset before the step starts, so no phase it enters is overwritten.
                 let phase = step_phase(&inner);
+                if let Some(p) = &phase {
+                    p.reset();
+                }
                 let work = tokio::task::spawn_blocking(move || {
                     span.in_scope(|| run_step(&inner2, &step, rank, &metrics))
                 });

@@ -23,9 +23,11 @@ pub const EVERY: Duration = Duration::from_millis(100);
 
 /// Runs `work` (the step) to completion; meanwhile every `every`, when `phase` shows a
 /// (layer, phase) other than the last one sent, sends a `StepProgress` built on `base` (epoch,
-/// step id, rank) to `tx`. `phase` is reset to `started` first. Without a cell (an executor that
-/// does not track phases) it only awaits `work`. A closed `tx` stops the reporting, not the
-/// step.
+/// step id, rank) to `tx`. The caller resets `phase` to `started` (and has sent `started`)
+/// *before* it starts `work`: resetting here would race with a step that already entered a
+/// phase and then blocked in a collective — the cell would read `started` for the rest of the
+/// stall. Without a cell (an executor that does not track phases) it only awaits `work`. A
+/// closed `tx` stops the reporting, not the step.
 pub async fn report_while<T>(
     work: impl Future<Output = T>,
     phase: Option<Arc<StepPhase>>,
@@ -34,8 +36,7 @@ pub async fn report_while<T>(
     every: Duration,
 ) -> T {
     let Some(phase) = phase else { return work.await };
-    phase.reset();
-    let mut last = phase.get();
+    let mut last = (-1, crate::model::Phase::Started); // what the caller sent before the step
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate
@@ -68,7 +69,8 @@ mod tests {
     async fn a_slow_step_reports_its_layer_and_phase_once_per_change() {
         let (tx, mut rx) = mpsc::channel(16);
         let cell = Arc::new(StepPhase::default());
-        cell.set(Some(9), Phase::Combine); // stale from the previous step: reset first
+        cell.set(Some(9), Phase::Combine); // stale from the previous step: the caller resets
+        cell.reset();
         let c = cell.clone();
         let work = async move {
             tokio::time::sleep(Duration::from_millis(60)).await;
@@ -90,6 +92,26 @@ mod tests {
             got.push((p.layer, p.phase));
         }
         assert_eq!(got, vec![(3, "dispatch".to_string()), (-1, "sample".to_string())]);
+    }
+
+    /// The step runs on the blocking pool and may enter a phase (and block in its collective)
+    /// before the reporter's first look: that phase must still be reported (it once was reset
+    /// to `started` here and the stall read `started` to the end).
+    #[tokio::test]
+    async fn a_phase_entered_before_reporting_starts_is_reported() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let cell = Arc::new(StepPhase::default());
+        cell.reset(); // the caller, before starting the step
+        cell.set(Some(1), Phase::Dispatch); // the step, before the reporter runs
+        let work = tokio::time::sleep(Duration::from_millis(80));
+        let every = Duration::from_millis(10);
+        report_while(work, Some(cell), &tx, StepProgress::default(), every).await;
+        drop(tx);
+        let Some(Ok(StepEvent { kind: Some(step_event::Kind::Progress(p)) })) = rx.recv().await
+        else {
+            panic!("no progress sent");
+        };
+        assert_eq!((p.layer, p.phase.as_str()), (1, "dispatch"));
     }
 
     #[tokio::test]

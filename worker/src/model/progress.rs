@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum Phase {
     /// The step was handed to the executor (no layer yet).
     Started,
+    /// The embedding lookup (and the vocabulary-parallel all-reduce when sharded).
+    Embed,
     /// Attention of a layer (with its TP all-reduce when sharded).
     Attention,
     /// A dense FFN (with its TP all-reduce when sharded).
@@ -34,8 +36,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 8] = [
+    const ALL: [Phase; 9] = [
         Phase::Started,
+        Phase::Embed,
         Phase::Attention,
         Phase::Ffn,
         Phase::Dispatch,
@@ -49,6 +52,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Started => "started",
+            Phase::Embed => "embed",
             Phase::Attention => "attention",
             Phase::Ffn => "ffn",
             Phase::Dispatch => "dispatch",

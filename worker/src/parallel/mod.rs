@@ -276,6 +276,7 @@ impl RankModel {
         let hdim = self.cfg.hidden_size;
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut out = ForwardOutput::default();
+        ctx.mark(None, crate::model::Phase::Embed);
         let mut h = self.embed.lookup_part(&tokens, self.vocab_start); // [n, hidden]
         if n > 0 {
             group.all_reduce_sum_f32(&mut h)?;
