@@ -172,7 +172,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if let fathom_worker::model_cuda::DeviceChoice::Cuda(ordinal) = args.device {
         if args.parallel.is_parallel() {
-            bail!("--device {}: the GPU model runs one rank (W = 1) for now", args.device);
+            bail!(
+                "--device {}: fathom generate runs one GPU (W = 1); for sharded plans on several \
+                 GPUs use `fathom up --device cuda --workers W [--tp T]`",
+                args.device
+            );
         }
         let keep = args.logits_topk.is_some() || args.return_logprobs;
         let (generated, finish, logits, routed) = generate_cuda(
