@@ -213,7 +213,7 @@ impl CudaRankModel {
         if seqs.is_empty() {
             for (li, lw) in m.layers.iter().enumerate() {
                 if let FfnW::Ep(w) = &lw.ffn {
-                    ep_forward(m, li, w, None, 0, &mut comms)?;
+                    ep_forward(m, li, w, None, 0, &mut comms, None)?;
                 }
             }
             return Ok(ForwardOutput::default());
@@ -382,9 +382,6 @@ impl Seams for RankSeams<'_> {
         h: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<(), CudaModelError> {
-        if let Some(r) = &mut self.routing {
-            r.record_router(m, &w.gate, &w.bias, x.xf, n)?;
-        }
-        ep_forward(m, li, w, Some((x, h)), n, &mut self.comms)
+        ep_forward(m, li, w, Some((x, h)), n, &mut self.comms, self.routing.as_mut())
     }
 }

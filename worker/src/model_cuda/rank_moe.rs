@@ -32,7 +32,7 @@ use fathom_kernels::cuda::cudarc::driver::CudaSlice;
 use fathom_kernels::cuda::{MoeScratch, MoeShape, moe_experts_bf16};
 use half::bf16;
 
-use super::seams::FfnInput;
+use super::seams::{FfnInput, RoutingRecorder};
 use super::weights::{Mat, MlpW};
 use super::{CudaModel, CudaModelError, Precision};
 use crate::model::ModelError;
@@ -63,15 +63,19 @@ pub(crate) struct EpComms<'a> {
     pub plan: &'a ParallelPlan,
 }
 
+/// [`route_slice`]'s assignments, slice rows and all rows' router choices.
+type RoutedSlice = (Vec<Assignment>, Vec<f32>, Vec<i32>);
+
 /// This rank's routing of its token slice: token-major assignments (token = index in the slice,
-/// routing order within a token) and the slice's input rows `[m, hidden]` as f32.
+/// routing order within a token), the slice's input rows `[m, hidden]` as f32, and the router's
+/// choices for all `n` rows `[n, top_k]` (host).
 fn route_slice(
     m: &CudaModel,
     w: &EpW,
     x: FfnInput,
     n: usize,
     rows: std::ops::Range<usize>,
-) -> Result<(Vec<Assignment>, Vec<f32>), CudaModelError> {
+) -> Result<RoutedSlice, CudaModelError> {
     let (dev, hd) = (&m.dev, m.cfg.hidden_size);
     let (e, k) = (m.router.n_experts, m.router.top_k);
     let mut logits = dev.zeros::<f32>(n * e)?; // [n, E] f32, as the one-GPU router
@@ -96,7 +100,7 @@ fn route_slice(
             dev.download(x.xb)?[rows.start * hd..rows.end * hd].iter().map(|v| v.to_f32()).collect()
         }
     };
-    Ok((assign, xs))
+    Ok((assign, xs, ids))
 }
 
 /// The unweighted outputs `[A, hidden]` (f32 on the host) of every received assignment, computed
@@ -192,12 +196,19 @@ pub(crate) fn ep_forward(
     io: Option<(FfnInput, &mut CudaSlice<f32>)>,
     n: usize,
     comms: &mut EpComms,
+    routing: Option<&mut RoutingRecorder>,
 ) -> Result<(), CudaModelError> {
     let hd = m.cfg.hidden_size;
     let (t, k) = (comms.group.world_size(), comms.group.rank());
     let mine = slice_rows(n, t, k);
     let (assign, xs) = match &io {
-        Some((x, _)) if n > 0 => route_slice(m, w, *x, n, mine.clone())?,
+        Some((x, _)) if n > 0 => {
+            let (assign, xs, ids) = route_slice(m, w, *x, n, mine.clone())?;
+            if let Some(r) = routing {
+                r.push_host_ids(&ids, n, m.router.top_k);
+            }
+            (assign, xs)
+        }
         _ => (Vec::new(), Vec::new()),
     };
     let world_size = comms.world.world_size();

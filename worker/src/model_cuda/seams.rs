@@ -79,35 +79,18 @@ impl RoutingRecorder {
         ids: &CudaSlice<i32>,
         n: usize,
     ) -> Result<(), CudaModelError> {
-        let k = m.router.top_k;
-        let host = m.dev.download(ids)?;
-        for (t, row) in self.rows.iter_mut().enumerate().take(n) {
-            let mut e: Vec<u32> = host[t * k..(t + 1) * k].iter().map(|&x| x as u32).collect();
-            e.sort_unstable();
-            row.push(e);
-        }
+        self.push_host_ids(&m.dev.download(ids)?, n, m.router.top_k);
         Ok(())
     }
 
-    /// Runs the router of a layer (`gate [E, hidden]`, `bias [E]`) on the normed f32 input
-    /// `xf [n, hidden]` — the same kernels as the layer's own routing, so the same ids — and
-    /// appends its choices (for layers whose routing happens inside the EP exchange).
-    pub(crate) fn record_router(
-        &mut self,
-        m: &CudaModel,
-        gate: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        xf: &CudaSlice<f32>,
-        n: usize,
-    ) -> Result<(), CudaModelError> {
-        let (dev, hd) = (&m.dev, m.cfg.hidden_size);
-        let (e, k) = (m.router.n_experts, m.router.top_k);
-        let mut logits = dev.zeros::<f32>(n * e)?; // [n, E]
-        m.blas.gemm_f32(xf, gate, &mut logits, n, e, hd, 1.0)?;
-        let mut ids = dev.zeros::<i32>(n * k)?; // [n, top_k]
-        let mut wts = dev.zeros::<f32>(n * k)?;
-        dev.ops().router_select(&logits, bias, &mut ids, &mut wts, n, &m.router)?;
-        self.push_device_ids(m, &ids, n)
+    /// Appends one MoE layer's router choices `ids [n, top_k]` already on the host (the sharded
+    /// MoE downloads them for its dispatch).
+    pub(crate) fn push_host_ids(&mut self, ids: &[i32], n: usize, k: usize) {
+        for (t, row) in self.rows.iter_mut().enumerate().take(n) {
+            let mut e: Vec<u32> = ids[t * k..(t + 1) * k].iter().map(|&x| x as u32).collect();
+            e.sort_unstable();
+            row.push(e);
+        }
     }
 }
 
