@@ -87,8 +87,7 @@ __device__ __forceinline__ void ix_mma(float* c, const u32* a, u32 b0, u32 b1) {
 template <int D>
 __device__ void indexer_mma_impl(const bf16_t* __restrict__ q, const float* __restrict__ w,
                                  const bf16_t* __restrict__ keys, const int* __restrict__ lens,
-                                 float* __restrict__ out, int heads, int max_ctx,
-                                 const int* __restrict__ base, long long n_rows) {
+                                 float* __restrict__ out, int heads, int max_ctx) {
     constexpr int QW = D / 2 + 4;  // u32 words per padded q row: conflict-free B fragments
     __shared__ u32 qs[IX_MAX_H * QW];
     __shared__ float ws[IX_MAX_H];
@@ -104,16 +103,8 @@ __device__ void indexer_mma_impl(const bf16_t* __restrict__ q, const float* __re
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
-    // Keys of query row b: rows [first, first + len) of the key buffer — its own [max_ctx] block
-    // (base == nullptr) or the rows from base[b] of an [n_rows, D] cache shared by many rows
-    // (a bad base — negative, or a block running past n_rows — scores nothing: all -inf).
-    int len = min(lens[b], max_ctx);
-    long long first = (long long)b * max_ctx;
-    if (base != nullptr) {
-        first = base[b];
-        if (first < 0 || first + max_ctx > n_rows) len = 0;
-    }
-    const u32* kb = reinterpret_cast<const u32*>(keys + (len > 0 ? first : 0) * D);
+    const int len = min(lens[b], max_ctx);
+    const u32* kb = reinterpret_cast<const u32*>(keys + (size_t)b * max_ctx * D);
 #pragma unroll 1
     for (int mt = 0; mt < 2; ++mt) {
         const int key0 = blockIdx.x * IX_THREADS + warp * 32 + mt * 16;
@@ -153,35 +144,15 @@ __device__ void indexer_mma_impl(const bf16_t* __restrict__ q, const float* __re
 extern "C" __global__ void __launch_bounds__(IX_THREADS)
 indexer_mma_bf16_d128(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
                       float* out, int heads, int max_ctx) {
-    indexer_mma_impl<128>(q, w, keys, lens, out, heads, max_ctx, nullptr, 0);
-}
-extern "C" __global__ void __launch_bounds__(IX_THREADS)
-indexer_mma_bf16_rows_d128(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
-                          float* out, int heads, int max_ctx, const int* base, long long n_rows) {
-    indexer_mma_impl<128>(q, w, keys, lens, out, heads, max_ctx, base, n_rows);
+    indexer_mma_impl<128>(q, w, keys, lens, out, heads, max_ctx);
 }
 extern "C" __global__ void __launch_bounds__(IX_THREADS)
 indexer_mma_bf16_d64(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
                      float* out, int heads, int max_ctx) {
-    indexer_mma_impl<64>(q, w, keys, lens, out, heads, max_ctx, nullptr, 0);
-}
-extern "C" __global__ void __launch_bounds__(IX_THREADS)
-indexer_mma_bf16_rows_d64(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
-                          float* out, int heads, int max_ctx, const int* base, long long n_rows) {
-    indexer_mma_impl<64>(q, w, keys, lens, out, heads, max_ctx, base, n_rows);
+    indexer_mma_impl<64>(q, w, keys, lens, out, heads, max_ctx);
 }
 extern "C" __global__ void __launch_bounds__(IX_THREADS)
 indexer_mma_bf16_d32(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
                      float* out, int heads, int max_ctx) {
-    indexer_mma_impl<32>(q, w, keys, lens, out, heads, max_ctx, nullptr, 0);
-}
-extern "C" __global__ void __launch_bounds__(IX_THREADS)
-indexer_mma_bf16_rows_d32(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
-                          float* out, int heads, int max_ctx, const int* base, long long n_rows) {
-    indexer_mma_impl<32>(q, w, keys, lens, out, heads, max_ctx, base, n_rows);
-}
-extern "C" __global__ void __launch_bounds__(IX_THREADS)
-indexer_mma_bf16_rows_d16(const bf16_t* q, const float* w, const bf16_t* keys, const int* lens,
-                          float* out, int heads, int max_ctx, const int* base, long long n_rows) {
-    indexer_mma_impl<16>(q, w, keys, lens, out, heads, max_ctx, base, n_rows);
+    indexer_mma_impl<32>(q, w, keys, lens, out, heads, max_ctx);
 }

@@ -9,8 +9,8 @@
 // tokens. `_rows` writes vector v to row dst[v] of the output (the key cache; dst[v] < 0 or
 // >= n_out skips it), the plain form to row v.
 //
-// `indexer_mma_fp8_rows_d*`: scores over a shared e4m3 key cache, as `indexer_mma_bf16_rows_d*`
-// but with e4m3 tensor-core MMA (mma.sync m16n8k32, fp32 accumulate):
+// `indexer_mma_fp8_rows_d*`: scores over a shared e4m3 key cache, the layout of
+// `indexer_mma_bf16_d*` (indexer.cu) with e4m3 tensor-core MMA (mma.sync m16n8k32, fp32 accumulate):
 //   I[b, s] = ks[first + s] * sum_h (w[b, h] * sq[b, h]) * ReLU(q8[b, h] . k8[first + s])
 // (the scales are positive powers of two, so ReLU(sq * sk * d) = sq * sk * ReLU(d)). Row b's keys
 // are rows [first, first + lens[b]) with first = base[b]; a negative base or a max_ctx block past

@@ -34,64 +34,6 @@ impl Ops {
         self.indexer(true, q, w, keys, lens, out, batch, heads, dim, max_ctx)
     }
 
-    /// [`Self::indexer_scores_bf16`] over a key cache shared by many query rows (the model's
-    /// per-slot cache): row b scores keys `[base[b], base[b] + lens[b])` of `keys [n_rows, dim]`.
-    /// `out [batch, max_ctx]`: position s < lens[b] gets its score, the rest −∞. A row whose
-    /// `base[b]` is negative or whose block `[base[b], base[b] + max_ctx)` runs past `n_rows`
-    /// scores nothing (all −∞): device-resident bases cannot be checked on the host, so the
-    /// kernel never reads outside `keys`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn indexer_scores_bf16_rows(
-        &self,
-        q: &CudaSlice<bf16>,
-        w: &CudaSlice<f32>,
-        keys: &CudaSlice<bf16>,
-        n_rows: usize,
-        base: &CudaSlice<i32>,
-        lens: &CudaSlice<i32>,
-        out: &mut CudaSlice<f32>,
-        shape: (usize, usize, usize, usize),
-    ) -> Result<(), CudaError> {
-        const OP: &str = "indexer_scores_bf16_rows";
-        let (batch, heads, dim, max_ctx) = shape;
-        let name = match dim {
-            128 => "indexer_mma_bf16_rows_d128",
-            64 => "indexer_mma_bf16_rows_d64",
-            32 => "indexer_mma_bf16_rows_d32",
-            16 => "indexer_mma_bf16_rows_d16",
-            _ => return Err(CudaError::shape(OP, format!("dim {dim} is not 16, 32, 64 or 128"))),
-        };
-        if heads == 0 || heads > 64 {
-            return Err(CudaError::shape(OP, format!("heads {heads} not in 1..=64")));
-        }
-        check_len(OP, "q", q.len(), batch * heads * dim)?;
-        check_len(OP, "w", w.len(), batch * heads)?;
-        check_len(OP, "keys", keys.len(), n_rows * dim)?;
-        check_len(OP, "base", base.len(), batch)?;
-        check_len(OP, "lens", lens.len(), batch)?;
-        check_len(OP, "out", out.len(), batch * max_ctx)?;
-        if batch == 0 || max_ctx == 0 {
-            return Ok(());
-        }
-        if batch > 65_535 {
-            return Err(CudaError::shape(OP, format!("batch {batch} exceeds 65535")));
-        }
-        let (h_i, ctx_i) = (to_i32(OP, "heads", heads)?, to_i32(OP, "max_ctx", max_ctx)?);
-        let rows_i = n_rows as i64;
-        let cfg = LaunchConfig {
-            grid_dim: (max_ctx.div_ceil(128) as u32, batch as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream().launch_builder(self.model_fn(name)?);
-        b.arg(q).arg(w).arg(keys).arg(lens).arg(out).arg(&h_i).arg(&ctx_i).arg(base).arg(&rows_i);
-        // SAFETY: matches `indexer_mma_bf16_rows_d{dim}`; q, w, lens, base, out checked against
-        // batch, heads ≤ 64 and max_ctx; the kernel reads key rows only inside
-        // [base[b], base[b] + max_ctx) ⊂ [0, n_rows) (it checks the bound on the device).
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver("launch indexer_scores_bf16_rows"))?;
-        Ok(())
-    }
-
     /// The indexer's FP8 path, step 1 (CPU twin `cpu::indexer_fp8::rotate_quant_fp8`): each of
     /// the `n` vectors of `x [n, dim]` f32 is Hadamard-rotated and quantised to e4m3 with one
     /// ue8m0 scale, written to row `v` of `codes [≥ n, dim]` / `scales [≥ n]`, or — with `dst`
@@ -154,11 +96,15 @@ impl Ops {
         Ok(())
     }
 
-    /// The indexer's FP8 path, step 2 (CPU twin `cpu::indexer_fp8::indexer_scores_fp8`): as
-    /// [`Self::indexer_scores_bf16_rows`] over an e4m3 key cache `keys [n_rows, dim]` with
-    /// per-key scales `kscales [n_rows]`, queries `q [batch, heads, dim]` e4m3 with scales
-    /// `qscales [batch, heads]`, head weights `w [batch, heads]` f32. e4m3 tensor-core MMA
-    /// (m16n8k32), fp32 accumulation.
+    /// The indexer's FP8 path, step 2 (CPU twin `cpu::indexer_fp8::indexer_scores_fp8`): scores
+    /// of query rows over a key cache shared by many rows (the model's per-slot cache): row b
+    /// scores keys `[base[b], base[b] + lens[b])` of the e4m3 cache `keys [n_rows, dim]` with
+    /// per-key scales `kscales [n_rows]`; `out [batch, max_ctx]`: position s < lens[b] gets its
+    /// score, the rest −∞. Queries `q [batch, heads, dim]` e4m3 with scales `qscales [batch,
+    /// heads]`, head weights `w [batch, heads]` f32. A row whose `base[b]` is negative or whose
+    /// block `[base[b], base[b] + max_ctx)` runs past `n_rows` scores nothing (all −∞):
+    /// device-resident bases cannot be checked on the host, so the kernel never reads outside
+    /// `keys`. e4m3 tensor-core MMA (m16n8k32), fp32 accumulation; dim ∈ {16, 32, 64, 128}.
     #[allow(clippy::too_many_arguments)]
     pub fn indexer_scores_fp8_rows(
         &self,

@@ -78,10 +78,6 @@ pub const INDEXER: KernelSource = KernelSource {
         "indexer_mma_bf16_d128",
         "indexer_mma_bf16_d64",
         "indexer_mma_bf16_d32",
-        "indexer_mma_bf16_rows_d128",
-        "indexer_mma_bf16_rows_d64",
-        "indexer_mma_bf16_rows_d32",
-        "indexer_mma_bf16_rows_d16",
     ],
 };
 
