@@ -171,12 +171,24 @@ impl CudaModel {
         precision: Precision,
     ) -> Result<Self, CudaModelError> {
         cfg.validate()?;
-        let blas = BlasGemm::new(&dev)?;
         let glue = Glue::load(&dev, kernel_cache)?;
-        let (embed, norm, head) = weights::load_top(&dev, src, &cfg, precision)?;
+        let top = weights::load_top(&dev, src, &cfg, precision)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LayerW::load(&dev, src, &cfg, i, precision))
             .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble(dev, cfg, glue, precision, top, layers)
+    }
+
+    /// The model from its loaded parts: cuBLAS handle, RoPE table, router parameters and
+    /// attention constants derived from `cfg` (shared by every way of loading one).
+    pub(crate) fn assemble(
+        dev: Arc<CudaDevice>,
+        cfg: ModelConfig,
+        glue: Glue,
+        precision: Precision,
+        (embed, norm, head): weights::Top,
+        layers: Vec<LayerW>,
+    ) -> Result<Self, CudaModelError> {
         let freqs: Vec<f32> = cfg.rope_frequencies()?.iter().map(|&f| f as f32).collect();
         let router = RouterParams {
             n_experts: cfg.n_routed_experts,
@@ -190,7 +202,7 @@ impl CudaModel {
             freqs: dev.upload(&freqs)?,
             attention_factor: cfg.rope_attention_factor()? as f32,
             scale: cfg.softmax_scale()? as f32,
-            blas,
+            blas: BlasGemm::new(&dev)?,
             glue,
             precision,
             embed,
@@ -404,39 +416,14 @@ impl CudaModel {
         seed: u32,
     ) -> Result<Self, CudaModelError> {
         cfg.validate()?;
-        let blas = BlasGemm::new(&dev)?;
         let glue = Glue::load(&dev, kernel_cache)?;
         let mut init = weights::RandomInit { dev: &dev, seed };
-        let (embed, norm, head) = init.top(&cfg)?;
+        let top = init.top(&cfg)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| init.layer(&cfg, i))
             .collect::<Result<Vec<_>, _>>()?;
-        let freqs: Vec<f32> = cfg.rope_frequencies()?.iter().map(|&f| f as f32).collect();
-        let router = RouterParams {
-            n_experts: cfg.n_routed_experts,
-            n_group: cfg.n_group,
-            topk_group: cfg.topk_group,
-            top_k: cfg.num_experts_per_tok,
-            routed_scaling_factor: cfg.routed_scaling_factor as f32,
-            norm_topk_prob: cfg.norm_topk_prob,
-        };
         dev.synchronize()?;
-        Ok(Self {
-            freqs: dev.upload(&freqs)?,
-            attention_factor: cfg.rope_attention_factor()? as f32,
-            scale: cfg.softmax_scale()? as f32,
-            blas,
-            glue,
-            precision: Precision::Bf16,
-            embed,
-            norm,
-            head,
-            layers,
-            router,
-            grouped_experts: true,
-            cfg,
-            dev,
-        })
+        Self::assemble(dev, cfg, glue, Precision::Bf16, top, layers)
     }
 
     /// Fills every cache row with random values (a context as if prefilled).

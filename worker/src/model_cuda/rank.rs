@@ -28,7 +28,7 @@ use fathom_common::ids::Rank;
 use fathom_common::plan::ParallelPlan;
 use fathom_kernels::comm::Collective;
 use fathom_kernels::cuda::cudarc::driver::CudaSlice;
-use fathom_kernels::cuda::{BlasGemm, CudaDevice, KernelCache};
+use fathom_kernels::cuda::{CudaDevice, KernelCache};
 use half::bf16;
 use std::ops::Range;
 use std::sync::Arc;
@@ -41,7 +41,6 @@ use super::{CudaKvCache, CudaModel, CudaModelError, CudaSeqInput, Glue, Precisio
 use crate::model::{ForwardOptions, ForwardOutput, LogitsMode, ModelError};
 use crate::parallel::{ParallelError, even_range, gather_vocab_parts};
 use crate::weights::TensorSource;
-use fathom_kernels::cpu::router::RouterParams;
 
 /// One rank's shard of DeepSeek-V3.2 on one GPU.
 #[derive(Debug)]
@@ -88,40 +87,15 @@ impl CudaRankModel {
             .into());
         }
         let vocab = even_range(cfg.vocab_size, t, group_rank);
-        let blas = BlasGemm::new(&dev)?;
         let glue = Glue::load(&dev, kernel_cache)?;
-        let (embed, norm, head) =
-            super::rank_weights::load_top(&dev, src, &cfg, vocab.clone(), precision)?;
+        let top = super::rank_weights::load_top(&dev, src, &cfg, vocab.clone(), precision)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| super::rank_weights::load_layer(&dev, src, &cfg, plan, rank, i, precision))
             .collect::<Result<Vec<_>, _>>()?;
-        let freqs: Vec<f32> = cfg.rope_frequencies()?.iter().map(|&f| f as f32).collect();
-        let router = RouterParams {
-            n_experts: cfg.n_routed_experts,
-            n_group: cfg.n_group,
-            topk_group: cfg.topk_group,
-            top_k: cfg.num_experts_per_tok,
-            routed_scaling_factor: cfg.routed_scaling_factor as f32,
-            norm_topk_prob: cfg.norm_topk_prob,
-        };
+        // The layers see this rank's heads; nothing else the layer code reads changes.
         let mut local_cfg = cfg.clone();
         local_cfg.num_attention_heads = plan.head_range(Rank(rank as u32)).len();
-        let inner = CudaModel {
-            freqs: dev.upload(&freqs)?,
-            attention_factor: cfg.rope_attention_factor()? as f32,
-            scale: cfg.softmax_scale()? as f32,
-            blas,
-            glue,
-            precision,
-            embed,
-            norm,
-            head,
-            layers,
-            router,
-            grouped_experts: true,
-            cfg: local_cfg,
-            dev,
-        };
+        let inner = CudaModel::assemble(dev, local_cfg, glue, precision, top, layers)?;
         Ok(Self { inner, cfg, plan: plan.clone(), rank, group_rank, vocab })
     }
 
