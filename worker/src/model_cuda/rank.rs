@@ -150,29 +150,10 @@ impl CudaRankModel {
         self.inner.new_cache(slots, max_ctx)
     }
 
-    fn check_comms(
-        &self,
-        world: &dyn Collective,
-        group: &dyn Collective,
-    ) -> Result<(), ParallelError> {
-        let checks = [
-            ("world communicator size", self.plan.world_size, world.world_size()),
-            ("rank in the world communicator", self.rank, world.rank()),
-            ("group communicator size", self.plan.tp, group.world_size()),
-            ("rank in the group communicator", self.group_rank, group.rank()),
-        ];
-        for (what, expected, got) in checks {
-            if expected != got {
-                return Err(ParallelError::Layout { what, expected, got });
-            }
-        }
-        Ok(())
-    }
-
     /// One step of this rank's group: `seqs` are the group's sequences (identical on every rank
     /// of the group; empty when the group has nothing to do — the call is still required).
-    /// Returns the same [`ForwardOutput`] on every rank of the group (full-vocabulary logits);
-    /// `record_routing` is not supported (as on one GPU: `routed_experts` stays empty).
+    /// Returns the same [`ForwardOutput`] on every rank of the group (full-vocabulary logits;
+    /// with `record_routing`, every row's routed experts per MoE layer).
     pub fn forward(
         &self,
         seqs: &[CudaSeqInput],
@@ -181,7 +162,7 @@ impl CudaRankModel {
         group: &mut dyn Collective,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, CudaModelError> {
-        self.check_comms(world, group)?;
+        crate::parallel::check_comms(&self.plan, (self.rank, self.group_rank), world, group)?;
         let m = &self.inner;
         let mut comms = EpComms { world, group, plan: &self.plan };
         if seqs.is_empty() {

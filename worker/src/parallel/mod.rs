@@ -92,6 +92,28 @@ pub fn even_range(n: usize, parts: usize, k: usize) -> Range<usize> {
     k * n / parts..(k + 1) * n / parts
 }
 
+/// Checks that `world` and `group` are the communicators of rank `rank` (position `group_rank`
+/// in its group) under `plan`: sizes and positions (the CPU and GPU ranks share it).
+pub(crate) fn check_comms(
+    plan: &ParallelPlan,
+    (rank, group_rank): (usize, usize),
+    world: &dyn Collective,
+    group: &dyn Collective,
+) -> Result<(), ParallelError> {
+    let checks = [
+        ("world communicator size", plan.world_size, world.world_size()),
+        ("rank in the world communicator", rank, world.rank()),
+        ("group communicator size", plan.tp, group.world_size()),
+        ("rank in the group communicator", group_rank, group.rank()),
+    ];
+    for (what, expected, got) in checks {
+        if expected != got {
+            return Err(ParallelError::Layout { what, expected, got });
+        }
+    }
+    Ok(())
+}
+
 /// Debug switches of one sharded step (on top of [`ForwardOptions`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RankForwardOptions {
@@ -221,26 +243,6 @@ impl RankModel {
             .map_err(ModelError::from)?)
     }
 
-    /// Checks that `world` and `group` are this rank's communicators under the plan.
-    fn check_comms(
-        &self,
-        world: &dyn Collective,
-        group: &dyn Collective,
-    ) -> Result<(), ParallelError> {
-        let checks = [
-            ("world communicator size", self.plan.world_size, world.world_size()),
-            ("rank in the world communicator", self.rank, world.rank()),
-            ("group communicator size", self.plan.tp, group.world_size()),
-            ("rank in the group communicator", self.group_rank, group.rank()),
-        ];
-        for (what, expected, got) in checks {
-            if expected != got {
-                return Err(ParallelError::Layout { what, expected, got });
-            }
-        }
-        Ok(())
-    }
-
     /// One step of this rank's group: `seqs` are the group's sequences (identical on every rank
     /// of the group; empty when the group has nothing to do — the call is still required, it
     /// serves the other groups' MoE traffic). `world` is the communicator over all W ranks,
@@ -268,7 +270,7 @@ impl RankModel {
         group: &mut dyn Collective,
         opts: &RankForwardOptions,
     ) -> Result<(ForwardOutput, StepLoad), ParallelError> {
-        self.check_comms(world, group)?;
+        check_comms(&self.plan, (self.rank, self.group_rank), world, group)?;
         crate::model::validate_batch(&self.cfg, seqs, cache)?;
         let mut ctx = StepCtx::new(seqs, &self.freqs, self.attention_factor);
         ctx.progress = Some(&self.progress);
