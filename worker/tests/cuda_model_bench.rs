@@ -7,27 +7,12 @@
 //! `--ignored`; it prints a markdown table (and `BENCH {json}` lines) and fails only on errors.
 //! Without a GPU it prints `SKIP: ...` and returns.
 
-use fathom_common::ModelConfig;
-use fathom_kernels::cuda::{CudaDevice, CudaError, DeviceOptions};
-use fathom_worker::model_cuda::CudaModel;
-use std::io::Write;
-use std::sync::Arc;
+mod cuda_support;
 
-fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
-    let dirs: Vec<std::path::PathBuf> = std::env::var_os("FATHOM_CUDA_LIB_DIRS")
-        .map(|v| std::env::split_paths(&v).collect())
-        .unwrap_or_default();
-    match CudaDevice::count(&dirs) {
-        Ok(0) | Err(CudaError::LibraryMissing { .. }) => {
-            let _ = writeln!(std::io::stderr().lock(), "SKIP: {test}: no CUDA device");
-            return None;
-        }
-        Err(e) => panic!("{test}: {e}"),
-        Ok(_) => {}
-    }
-    let opts = DeviceOptions { ordinal: 0, lib_dirs: dirs, kernel_cache: None };
-    Some(Arc::new(CudaDevice::open(&opts).unwrap_or_else(|e| panic!("{test}: {e}"))))
-}
+use cuda_support::gpu;
+use fathom_common::ModelConfig;
+use fathom_kernels::cuda::CudaDevice;
+use fathom_worker::model_cuda::CudaModel;
 
 /// Device-to-device copy bandwidth (bytes read + written per second) over 2 GiB.
 fn copy_bandwidth(dev: &CudaDevice) -> f64 {

@@ -22,80 +22,20 @@
 //! Without a GPU the GPU tests print `SKIP: ...` on the real stderr and pass; the GPU runner
 //! (`scripts/gpu.sh`'s run.sh) fails on any SKIP.
 
+mod cuda_support;
+
+use cuda_support::{argmax, fixtures, gpu, read_source};
 use fathom_common::ModelConfig;
-use fathom_kernels::Tensor;
-use fathom_kernels::cuda::{
-    CudaDevice, CudaError, CudaLib, DeviceOptions, compile_cubin, preload_libraries,
-};
+use fathom_kernels::cuda::{CudaLib, compile_cubin, preload_libraries};
 use fathom_worker::model::{ForwardOptions, LogitsMode, Model, SeqInput, ShardSpec};
 use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, GLUE, Precision};
-use fathom_worker::weights::MemorySource;
-use safetensors::{Dtype, SafeTensors};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// bf16 weights and activations: per-row relative bound on the logits.
 const TOL_BF16: f32 = 3e-2;
 /// Teacher-forced top-1 agreement with the CPU.
 const MIN_TOP1: f64 = 0.99;
 const MIN_GREEDY_STEPS: usize = 16;
-
-fn skip(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "SKIP: {test}: {reason}");
-}
-
-fn lib_dirs() -> Vec<PathBuf> {
-    std::env::var_os("FATHOM_CUDA_LIB_DIRS")
-        .map(|v| std::env::split_paths(&v).collect())
-        .unwrap_or_default()
-}
-
-fn gpu(test: &str) -> Option<CudaDevice> {
-    let dirs = lib_dirs();
-    match CudaDevice::count(&dirs) {
-        Ok(0) => {
-            skip(test, "no CUDA device: the driver reports no GPU");
-            return None;
-        }
-        Err(e @ CudaError::LibraryMissing { .. }) => {
-            skip(test, &format!("no CUDA device: {e}"));
-            return None;
-        }
-        Err(e) => panic!("{test}: counting devices failed: {e}"),
-        Ok(_) => {}
-    }
-    let opts = DeviceOptions { ordinal: 0, lib_dirs: dirs, kernel_cache: None };
-    Some(CudaDevice::open(&opts).unwrap_or_else(|e| panic!("{test}: opening GPU 0: {e}")))
-}
-
-/// `FATHOM_GOLDEN_DIR` (the GPU runner sets it: the binary runs far from its build tree), else
-/// the workspace's `tests/fixtures/golden`.
-fn fixtures() -> PathBuf {
-    std::env::var_os("FATHOM_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden"))
-}
-
-fn read_source(path: &Path) -> MemorySource {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut src = MemorySource::new();
-    for (name, v) in st.tensors() {
-        let d = v.data();
-        let data: Vec<f32> = match v.dtype() {
-            Dtype::F32 => {
-                d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-            }
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => panic!("{name}: unsupported dtype {other:?} in a golden model"),
-        };
-        src.insert(name, Tensor::new(v.shape().to_vec(), data));
-    }
-    src
-}
 
 fn case_dirs() -> Vec<PathBuf> {
     let root = fixtures();
@@ -111,16 +51,6 @@ fn case_dirs() -> Vec<PathBuf> {
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// (largest per-row `max|a−b| / max|b|`, fraction of rows with equal argmax).
@@ -209,7 +139,6 @@ fn glue_kernels_compile_for_sm90a() {
 fn gpu_forward_matches_cpu_on_golden_cases() {
     const TEST: &str = "gpu_forward_matches_cpu_on_golden_cases";
     let Some(dev) = gpu(TEST) else { return };
-    let dev = std::sync::Arc::new(dev);
     let mut fails = Vec::new();
     for dir in case_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -334,7 +263,7 @@ fn bad_inputs_are_errors() {
     let dir = &case_dirs()[0];
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let src = read_source(&dir.join("model.safetensors"));
-    let gpu = CudaModel::load(std::sync::Arc::new(dev), &src, cfg.clone(), None).unwrap();
+    let gpu = CudaModel::load(dev, &src, cfg.clone(), None).unwrap();
     let mut cache = gpu.new_cache(1, 64.max(cfg.index_topk)).unwrap();
     let opts = ForwardOptions::default();
     let big = [cfg.vocab_size as u32];

@@ -23,20 +23,20 @@
 //! Without a GPU every test prints `SKIP: ...` and passes; with one GPU: `SKIP: ...: needs 2
 //! GPUs, found 1` (accepted by the GPU runner).
 
+mod cuda_support;
+
+use cuda_support::{argmax, fixtures, gpus, read_source};
 use fathom_common::ModelConfig;
 use fathom_common::ids::Epoch;
 use fathom_common::plan::{ParallelPlan, PlanSpec};
-use fathom_kernels::Tensor;
 use fathom_kernels::comm::{CommOptions, LocalComm, NcclComm};
-use fathom_kernels::cuda::{CudaDevice, CudaError, DeviceOptions, KernelCache};
+use fathom_kernels::cuda::{CudaDevice, KernelCache};
 use fathom_worker::model::{ForwardOptions, ForwardOutput, LogitsMode};
 use fathom_worker::model_cuda::rank::CudaRankModel;
 use fathom_worker::model_cuda::{CudaModel, CudaSeqInput, Precision};
 use fathom_worker::weights::synth::{SynthDtype, SynthOptions, synth_checkpoint};
-use fathom_worker::weights::{CheckpointReader, MemorySource, TensorSource};
-use safetensors::{Dtype, SafeTensors};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use fathom_worker::weights::{CheckpointReader, TensorSource};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,85 +45,6 @@ const TOL_BF16: f32 = 3e-2;
 const MIN_BF16_STEPS: usize = 4;
 const NEW_TOKENS: [usize; 3] = [12, 5, 9];
 const LAYOUTS: [(usize, usize); 2] = [(2, 1), (2, 2)];
-
-fn skip(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "SKIP: {test}: {reason}");
-}
-
-fn lib_dirs() -> Vec<PathBuf> {
-    std::env::var_os("FATHOM_CUDA_LIB_DIRS")
-        .map(|v| std::env::split_paths(&v).collect())
-        .unwrap_or_default()
-}
-
-/// GPUs 0 and 1, or SKIP.
-fn two_gpus(test: &str) -> Option<Vec<Arc<CudaDevice>>> {
-    let dirs = lib_dirs();
-    let n = match CudaDevice::count(&dirs) {
-        Ok(n) => n,
-        Err(e @ CudaError::LibraryMissing { .. }) => {
-            skip(test, &format!("no CUDA device: {e}"));
-            return None;
-        }
-        Err(e) => panic!("{test}: counting devices failed: {e}"),
-    };
-    if n == 0 {
-        skip(test, "no CUDA device: the driver reports no GPU");
-        return None;
-    }
-    if n < 2 {
-        skip(test, &format!("needs 2 GPUs, found {n}"));
-        return None;
-    }
-    Some(
-        (0..2)
-            .map(|ordinal| {
-                let opts = DeviceOptions { ordinal, lib_dirs: dirs.clone(), kernel_cache: None };
-                Arc::new(
-                    CudaDevice::open(&opts)
-                        .unwrap_or_else(|e| panic!("{test}: opening GPU {ordinal}: {e}")),
-                )
-            })
-            .collect(),
-    )
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("FATHOM_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden"))
-}
-
-fn read_source(path: &Path) -> MemorySource {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut src = MemorySource::new();
-    for (name, v) in st.tensors() {
-        let d = v.data();
-        let data: Vec<f32> = match v.dtype() {
-            Dtype::F32 => {
-                d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-            }
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => panic!("{name}: unsupported dtype {other:?} in a golden model"),
-        };
-        src.insert(name, Tensor::new(v.shape().to_vec(), data));
-    }
-    src
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
 
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     [7usize, 3, 11]
@@ -370,7 +291,7 @@ fn seqs_for(cfg: &ModelConfig) -> Vec<(Vec<u32>, usize)> {
 #[test]
 fn two_gpus_match_one_gpu_on_golden_cases() {
     const TEST: &str = "two_gpus_match_one_gpu_on_golden_cases";
-    let Some(devs) = two_gpus(TEST) else { return };
+    let Some(devs) = gpus(TEST, 2) else { return };
     let mut fails = Vec::new();
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures())
         .unwrap_or_else(|e| panic!("golden fixtures at {}: {e}", fixtures().display()))
@@ -432,7 +353,7 @@ fn synthetic(dtype: SynthDtype) -> (tempfile::TempDir, ModelConfig, CheckpointRe
 #[test]
 fn two_gpus_match_one_gpu_on_a_64_expert_checkpoint() {
     const TEST: &str = "two_gpus_match_one_gpu_on_a_64_expert_checkpoint";
-    let Some(devs) = two_gpus(TEST) else { return };
+    let Some(devs) = gpus(TEST, 2) else { return };
     let mut fails = Vec::new();
     for (dtype, prec) in [(SynthDtype::F32, Precision::F32), (SynthDtype::Bf16, Precision::Bf16)] {
         let (_dir, cfg, reader) = synthetic(dtype);
@@ -451,7 +372,7 @@ fn two_gpus_match_one_gpu_on_a_64_expert_checkpoint() {
 #[test]
 fn nccl_world_gives_the_local_world_bits() {
     const TEST: &str = "nccl_world_gives_the_local_world_bits";
-    let Some(devs) = two_gpus(TEST) else { return };
+    let Some(devs) = gpus(TEST, 2) else { return };
     let (_dir, cfg, reader) = synthetic(SynthDtype::F32);
     let seqs = seqs_for(&cfg);
     let want = one_gpu(&devs[0], &reader, &cfg, Precision::F32, &seqs);
